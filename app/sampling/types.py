@@ -1,0 +1,83 @@
+"""The data of one mixing step (ALGORITHM.md §0, §5, §6). Pure data: no I/O, no app imports.
+
+These types are the contract between the math and the rest of the service; the coordinator,
+the HTTP layer, metrics and the batch writer read `StepResult` and nothing else of the math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Reason = Literal["first_token", "fixed", "unstable", "identical", "single_token", "solved"]
+REASONS: tuple[Reason, ...] = (
+    "first_token",
+    "fixed",
+    "unstable",
+    "identical",
+    "single_token",
+    "solved",
+)
+
+
+class SamplingError(ValueError):
+    """Input the math cannot use (NaN/inf logprobs, empty top-K, bad options).
+
+    Raised instead of letting NaN or inf escape into q (ALGORITHM.md; issue 3).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """One upstream's top-K view of the next token, keyed by token id (ALGORITHM.md §0).
+
+    `ids` are unique non-negative token ids; `logprobs` are raw natural-log probabilities
+    as vLLM returns them (possibly -9999.0 for clamped -inf), K or K+1 entries.
+    """
+
+    ids: npt.NDArray[np.int64]
+    logprobs: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class MixConfig:
+    """Per-request options of the math: `mixing.*` of API.md plus OpenAI sampling fields."""
+
+    alpha: float | None = None
+    force_first_token: bool = True
+    trust_region_top_p: float | None = 0.95
+    stability_check: bool = True
+    js_threshold: float = 0.5
+    overlap_threshold: float = 0.1
+    auto_fallback: bool = True
+    # OpenAI / vLLM sampling options, applied as ALGORITHM.md §2 and §5 say.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off (vLLM's convention)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Outputs of one step (ALGORITHM.md §6).
+
+    `support` and `logq` are the final sampling distribution over the support (after the
+    trust region and the request's top_p/top_k; log q, -inf outside what survived), so
+    callers can report top-N logprobs of q without redoing the math.
+    """
+
+    token_id: int
+    logprob: float  # log q(token)
+    alpha: float | None  # None when reason == "single_token"
+    reason: Reason
+    js: float
+    overlap_count: int
+    overlap_mass: float
+    kl_gap: float
+    chernoff: float
+    support_size: int
+    filled_mass: float
+    support: npt.NDArray[np.int64]
+    logq: npt.NDArray[np.float64]

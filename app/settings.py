@@ -1,0 +1,115 @@
+"""All configuration, from environment variables prefixed ``DUAL_VLLM_`` (see ../shared/API.md).
+
+One class, validated once at start. The mixing defaults are flat fields (``DUAL_VLLM_ALPHA``,
+``DUAL_VLLM_TRUST_REGION_TOP_P``, ...) because API.md names them that way; ``mixing_defaults()``
+groups them for the math.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.sampling.types import MixConfig
+
+
+def _split_csv(value: object) -> object:
+    """`a, b,c` -> ["a", "b", "c"]; lists pass through (tests build Settings directly)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUAL_VLLM_", extra="ignore", frozen=True)
+
+    # --- upstreams -------------------------------------------------------------------------
+    base_url: Annotated[list[str], NoDecode] = Field(
+        description="base-model vLLM server(s); several = replicas of the same model"
+    )
+    teacher_url: Annotated[list[str], NoDecode] = Field(description="teacher vLLM server(s)")
+    base_model: str | None = Field(None, description="served model name; None = /v1/models")
+    teacher_model: str | None = None
+    top_k: int = Field(20, ge=1, le=1024, description="logprobs K asked of each upstream")
+    eos_token_ids: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="teacher EOS ids; None = discovered from the teacher at start"
+    )
+
+    # --- the gateway -----------------------------------------------------------------------
+    model_name: str = "dual-vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_concurrent_requests: int = Field(64, ge=1, description="beyond this: 429")
+    max_concurrent_sequences: int = Field(
+        64, ge=1, description="sequences generating at once across all requests"
+    )
+    max_n: int = Field(64, ge=1, description="largest n (x prompts) one request may ask for")
+    stream_keepalive_seconds: float = Field(15.0, gt=0)
+
+    # --- upstream HTTP ---------------------------------------------------------------------
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_read_timeout: float = Field(60.0, gt=0)
+    upstream_max_connections: int = Field(256, ge=1)
+    upstream_retries: int = Field(2, ge=0, le=10, description="for idempotent calls only")
+
+    # --- the base model's rendering of chat messages (no chat template of its own) ----------
+    base_system_format: str = "{content}\n\n"
+    base_user_format: str = "Question: {content}\nAnswer:"
+    base_assistant_format: str = " {content}\n\n"
+
+    # --- defaults of every mixing option (API.md `mixing.*`, ALGORITHM.md) ------------------
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+    force_first_token: bool = True
+    trust_region_top_p: float | None = Field(0.95, gt=0.0, le=1.0)
+    stability_check: bool = True
+    js_threshold: float = Field(0.5, ge=0.0)
+    overlap_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    auto_fallback: bool = True
+    diagnostics: bool = False
+
+    @field_validator("base_url", "teacher_url", "api_keys", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("eos_token_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(part) for part in value.split(",") if part.strip()] or None
+        return value
+
+    @field_validator("base_url", "teacher_url")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one URL is required")
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _formats(self) -> Settings:
+        for name in ("base_system_format", "base_user_format", "base_assistant_format"):
+            template = getattr(self, name)
+            try:
+                template.format(content="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"{name} must use only the {{content}} field: {exc}") from exc
+        return self
+
+    def mixing_defaults(self) -> MixConfig:
+        """The server-wide defaults of the per-request `mixing` options."""
+        return MixConfig(
+            alpha=self.alpha,
+            force_first_token=self.force_first_token,
+            trust_region_top_p=self.trust_region_top_p,
+            stability_check=self.stability_check,
+            js_threshold=self.js_threshold,
+            overlap_threshold=self.overlap_threshold,
+            auto_fallback=self.auto_fallback,
+        )

@@ -1,0 +1,1 @@
+"""pytest plugin: the two real CPU vLLM servers, once per session (owned by issue 2)."""
