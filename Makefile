@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench clean system-deps
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/dual-vllm local run
 
-test: $(BIN)/.installed lint typecheck
+# The real-Prometheus test (tests/test_prometheus_real.py) needs Debian's prometheus/promtool.
+system-deps:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] || { echo "system-deps: install Debian's prometheus package (needs root): apt-get install prometheus" >&2; exit 1; }; apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+test: $(BIN)/.installed lint typecheck system-deps
 	$(BIN)/dual-vllm local setup
 	$(BIN)/pytest
 
