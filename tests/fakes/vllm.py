@@ -1,0 +1,577 @@
+"""A fake vLLM OpenAI-compatible server: the endpoints the gateway uses, with fault knobs.
+
+Shapes follow ../shared/reference/vllm-api.md (§1-§4); behaviour is deterministic so tests can
+assert on values. Used in-process (`FakeVLLM.app` under `httpx.ASGITransport`, or
+`pair_transport` for both upstreams behind one transport) and over real HTTP (`serve`,
+`serve_pair`: a real uvicorn on a free 127.0.0.1 port in a background thread).
+
+The tokenizer is byte-level: token id = UTF-8 byte + 3, after three special tokens
+(0 `<|endoftext|>`, 1 `<|im_start|>`, 2 `<|im_end|>` = EOS, as in SmolLM2-Instruct). Special
+token strings inside text are parsed as the special ids (as Hugging Face tokenizers do), and
+multi-byte characters span several tokens, so partial UTF-8 shows up when decoding prefixes
+(decoded as "\\ufffd", like vLLM's byte-fallback tokenizers).
+
+Next-token distributions depend only on the prompt ids and the instance's role: "base" and
+"teacher" share a component and each adds its own, so they overlap but differ. Letters and
+spaces dominate (readable text), 2- and 3-byte characters (é, €) appear sometimes and are
+always completed, and EOS becomes likely a few tokens after the last newline/special token
+(`eos_after`), so generations end on their own.
+
+Fault knobs live in `FakeVLLM.faults` (mutable at any time, also while serving in a thread):
+latency, an error status from the N-th completion call on for M calls (an upstream dying
+mid-generation, or recovering for retry tests), malformed bodies, K+1 entries, null entries,
+/health status, a missing /tokenizer_info, a shifted tokenizer. Counters: `calls` per path,
+`completions_started`, `completions_finished`, `completions_cancelled`, `in_flight`, and the
+last request bodies in `requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+# --- the tokenizer -------------------------------------------------------------------------
+
+ENDOFTEXT_ID = 0
+IM_START_ID = 1
+IM_END_ID = 2
+EOS_ID = IM_END_ID
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+SPECIAL_BY_ID: dict[int, str] = {v: k for k, v in SPECIAL_TOKENS.items()}
+BYTE_OFFSET = 3
+VOCAB_SIZE = BYTE_OFFSET + 256
+
+
+def encode(text: str, *, shift: int = 0) -> list[int]:
+    """Text -> ids: special token strings become their ids, everything else UTF-8 bytes."""
+    ids: list[int] = []
+    i = 0
+    while i < len(text):
+        for token, token_id in SPECIAL_TOKENS.items():
+            if text.startswith(token, i):
+                ids.append(token_id)
+                i += len(token)
+                break
+        else:
+            ids.extend(b + BYTE_OFFSET + shift for b in text[i].encode("utf-8"))
+            i += 1
+    return ids
+
+
+def decode(ids: Sequence[int]) -> str:
+    """Ids -> text; incomplete UTF-8 sequences decode to "\\ufffd" (special tokens kept)."""
+    out: list[str] = []
+    buf = bytearray()
+    for token_id in ids:
+        if token_id in SPECIAL_BY_ID:
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            out.append(SPECIAL_BY_ID[token_id])
+        else:
+            buf.append(token_id - BYTE_OFFSET)
+    out.append(buf.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
+    """ChatML, as SmolLM2-Instruct's template renders it (without the default system turn)."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+# --- next-token distributions --------------------------------------------------------------
+
+# A distribution override: prompt ids -> logits over the vocabulary, or None for the default.
+Distribution = Callable[[Sequence[int]], npt.NDArray[np.float64] | None]
+
+_NEWLINE_ID = ord("\n") + BYTE_OFFSET
+
+
+def _bias() -> npt.NDArray[np.float64]:
+    bias = np.full(VOCAB_SIZE, -4.0)
+    for ch in "abcdefghijklmnopqrstuvwxyz ":
+        bias[ord(ch) + BYTE_OFFSET] = 4.0
+    for ch in ".,!?":
+        bias[ord(ch) + BYTE_OFFSET] = 1.5
+    for ch in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        bias[ord(ch) + BYTE_OFFSET] = 0.5
+    bias[_NEWLINE_ID] = -6.0
+    bias[BYTE_OFFSET + 0x80 :] = -12.0  # stray continuation / lead bytes: rare
+    bias[BYTE_OFFSET + 0xC3] = 0.5  # é and friends start here
+    bias[BYTE_OFFSET + 0xE2] = -0.5  # € starts here
+    bias[ENDOFTEXT_ID] = -15.0
+    bias[IM_START_ID] = -15.0
+    return bias
+
+
+_BIAS = _bias()
+# Forced continuations of multi-byte characters: (prefix bytes) -> next byte.
+_UTF8_NEXT: dict[tuple[int, ...], tuple[int, ...]] = {
+    (0xC3,): (0xA9, 0xA8, 0xA0),  # é è à
+    (0xE2,): (0x82,),
+    (0xE2, 0x82): (0xAC,),  # €
+}
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def default_logits(
+    prompt: Sequence[int], role: str, eos_after: int | None
+) -> npt.NDArray[np.float64]:
+    """The fake model: logits over the vocabulary for the next token after `prompt`."""
+    tail = tuple(prompt[-3:])
+    shared = np.random.default_rng(_seed("shared", tail)).normal(0.0, 1.5, VOCAB_SIZE)
+    own = np.random.default_rng(_seed(role, tail)).normal(0.0, 1.0, VOCAB_SIZE)
+    logits = _BIAS + shared + own
+    # Finish a multi-byte character that was started.
+    last_bytes = tuple(t - BYTE_OFFSET for t in prompt[-2:] if t >= BYTE_OFFSET)
+    for width in (2, 1):
+        key = last_bytes[-width:] if len(last_bytes) >= width else None
+        if key is not None and key in _UTF8_NEXT:
+            forced = np.full(VOCAB_SIZE, -25.0) + own * 0.1
+            for b in _UTF8_NEXT[key]:
+                forced[b + BYTE_OFFSET] = 5.0 + shared[b + BYTE_OFFSET]
+            return forced
+    # EOS grows with the number of tokens since the last newline or special token.
+    since = 0
+    for token_id in reversed(prompt):
+        if token_id == _NEWLINE_ID or token_id < BYTE_OFFSET:
+            break
+        since += 1
+    if eos_after is None:
+        logits[EOS_ID] = -30.0
+    else:
+        logits[EOS_ID] = -8.0 + 1.5 * max(0, since - eos_after)
+    return logits
+
+
+def scripted(script: Sequence[int], *, then: int = EOS_ID) -> Distribution:
+    """A distribution that continues with `script` (near-certainly), then `then`.
+
+    The generated part is the longest suffix of the prompt that is a prefix of `script`, so
+    choose prompts that do not end with script[0]. Near-certain = logprob ~0 for the scripted
+    token and -30 for every other id.
+    """
+    script = list(script)
+
+    def logits(prompt: Sequence[int]) -> npt.NDArray[np.float64]:
+        done = 0
+        for k in range(min(len(script), len(prompt)), 0, -1):
+            if list(prompt[-k:]) == script[:k]:
+                done = k
+                break
+        target = script[done] if done < len(script) else then
+        out = np.full(VOCAB_SIZE, -30.0)
+        out[target] = 10.0
+        return out
+
+    return logits
+
+
+def log_softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    shifted = logits - np.max(logits)
+    result: npt.NDArray[np.float64] = shifted - np.log(np.sum(np.exp(shifted)))
+    return result
+
+
+# --- fault knobs ---------------------------------------------------------------------------
+
+Malformed = Literal["not_json", "no_choices", "no_logprobs", "bad_key", "bad_value"]
+
+
+@dataclass
+class Faults:
+    """Mutable knobs; every field may be changed while the fake serves."""
+
+    latency: float = 0.0  # seconds added to every /v1/completions call
+    status: int | None = None  # /v1/completions answers this status (vLLM error body) ...
+    status_after: int = 0  # ... from the call with this 0-based index on ...
+    status_count: int | None = None  # ... for this many calls (None: forever)
+    status_message: str = "injected failure"
+    malformed: Malformed | None = None  # /v1/completions answers 200 with a broken body
+    k_plus_one: bool = False  # prepend the (K+1)-th ranked id (vLLM's sampled-token-first)
+    null_top_logprobs: bool = False  # top_logprobs: [null] (newer vLLM on odd positions)
+    health_status: int = 200
+    tokenizer_info: bool = True  # False: /tokenizer_info is 404 (endpoint not enabled)
+    tokenize_shift: int = 0  # /tokenize ids shifted: this instance's tokenizer "differs"
+    models_status: int = 200  # /v1/models status
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """vLLM's error body (§4.1): `code` is the int status."""
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    if status == 503:
+        kind = "ServiceUnavailableError"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+class FakeVLLM:
+    """One fake vLLM server; `app` is its ASGI application."""
+
+    def __init__(
+        self,
+        role: str = "teacher",
+        *,
+        model: str | None = None,
+        max_model_len: int = 2048,
+        max_logprobs: int = 20,
+        eos_after: int | None = 6,
+        distribution: Distribution | None = None,
+    ) -> None:
+        self.role = role
+        self.model = model or f"fake-{role}"
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.eos_after = eos_after
+        self.distribution = distribution
+        self.faults = Faults()
+        self.calls: Counter[str] = Counter()
+        self.completions_started = 0
+        self.completions_finished = 0
+        self.completions_cancelled = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.app: ASGIApp = Starlette(
+            routes=[
+                Route("/health", self._health, methods=["GET"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/detokenize", self._detokenize, methods=["POST"]),
+                Route("/tokenizer_info", self._tokenizer_info, methods=["GET"]),
+            ]
+        )
+
+    # --- the model ---------------------------------------------------------------------------
+
+    def logprobs(self, prompt: Sequence[int]) -> npt.NDArray[np.float64]:
+        """Full next-token log-probabilities (for tests that check the mixture)."""
+        logits = self.distribution(prompt) if self.distribution is not None else None
+        if logits is None:
+            logits = default_logits(prompt, self.role, self.eos_after)
+        return log_softmax(logits)
+
+    def topk(self, prompt: Sequence[int], k: int) -> list[tuple[int, float]]:
+        """Top-k (id, logprob), highest first, ties by lower id (what /v1/completions returns
+        at temperature 0, before fault knobs)."""
+        lp = self.logprobs(prompt)
+        order = np.lexsort((np.arange(VOCAB_SIZE), -lp))[:k]
+        return [(int(i), float(lp[i])) for i in order]
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    async def _health(self, request: Request) -> Response:
+        self.calls["/health"] += 1
+        return Response(status_code=self.faults.health_status)
+
+    async def _models(self, request: Request) -> Response:
+        self.calls["/v1/models"] += 1
+        if self.faults.models_status != 200:
+            return _error(self.faults.models_status, "injected /v1/models failure")
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "vllm",
+            "root": f"/models/{self.model}",
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [],
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def _tokenizer_info(self, request: Request) -> Response:
+        self.calls["/tokenizer_info"] += 1
+        if not self.faults.tokenizer_info:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return JSONResponse(
+            {
+                "tokenizer_class": "FakeByteTokenizer",
+                "eos_token": EOS_TOKEN,
+                "bos_token": "<|im_start|>",
+                "model_max_length": self.max_model_len,
+                "added_tokens_decoder": {
+                    str(i): {"content": s, "special": True} for i, s in SPECIAL_BY_ID.items()
+                },
+            }
+        )
+
+    async def _tokenize(self, request: Request) -> Response:
+        self.calls["/tokenize"] += 1
+        body = await request.json()
+        if "messages" in body:
+            text = apply_chat_template(body["messages"], body.get("add_generation_prompt", True))
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+        else:
+            return _error(400, "1 validation error: prompt must be a string")
+        tokens = encode(text, shift=self.faults.tokenize_shift)
+        return JSONResponse(
+            {
+                "count": len(tokens),
+                "max_model_len": self.max_model_len,
+                "tokens": tokens,
+                "token_strs": None,
+            }
+        )
+
+    async def _detokenize(self, request: Request) -> Response:
+        self.calls["/detokenize"] += 1
+        body = await request.json()
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return _error(400, "1 validation error: tokens must be a list of ints")
+        if any(t < 0 or t >= VOCAB_SIZE for t in tokens):
+            return _error(400, f"Token id out of vocabulary (size {VOCAB_SIZE})")
+        return JSONResponse({"prompt": decode(tokens)})
+
+    async def _completions(self, request: Request) -> Response:
+        self.calls["/v1/completions"] += 1
+        index = self.completions_started
+        self.completions_started += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            body = await request.json()
+            self.requests.append(body)
+            if self.faults.latency > 0:
+                await asyncio.sleep(self.faults.latency)
+            response = self._complete(body, index)
+            self.completions_finished += 1
+            return response
+        except asyncio.CancelledError:
+            self.completions_cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def _complete(self, body: dict[str, Any], index: int) -> Response:
+        f = self.faults
+        status, start, count = f.status, f.status_after, f.status_count
+        if status is not None and start <= index and (count is None or index < start + count):
+            return _error(status, f.status_message)
+        if body.get("model") not in (None, "", self.model):
+            return _error(404, f"The model `{body['model']}` does not exist.", "model")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt = encode(prompt)
+        if not isinstance(prompt, list) or not prompt:
+            return _error(400, "The decoder prompt cannot be empty")
+        if not all(isinstance(t, int) for t in prompt):
+            return _error(400, "1 validation error: prompt must be token ids or a string")
+        if any(t < 0 for t in prompt):
+            return _error(400, "1 validation error: Input should be greater than or equal to 0")
+        if any(t >= VOCAB_SIZE for t in prompt):
+            bad = next(t for t in prompt if t >= VOCAB_SIZE)
+            return _error(400, f"Token id {bad} is out of vocabulary")
+        if len(prompt) >= self.max_model_len:
+            return _error(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt contains {len(prompt)} input tokens, which exceeds this limit "
+                "even without any output tokens. Please reduce the length of the input prompt. "
+                f"(parameter=input_tokens, value={len(prompt)})",
+                "input_tokens",
+            )
+        k = body.get("logprobs")
+        if k is not None and k > self.max_logprobs:
+            return _error(
+                400,
+                f"Requested sample logprobs of {k}, which is greater than max allowed: "
+                f"{self.max_logprobs} (parameter=logprobs, value={k})",
+                "logprobs",
+            )
+        max_tokens = int(body.get("max_tokens") or 16)
+        max_tokens = min(max_tokens, self.max_model_len - len(prompt))
+        temperature = float(body.get("temperature", 1.0))
+        rng = np.random.default_rng(body.get("seed"))
+        stop_ids = set(body.get("stop_token_ids") or [])
+        if not body.get("ignore_eos"):
+            stop_ids.add(EOS_ID)
+        context = list(prompt)
+        out_ids: list[int] = []
+        top_list: list[dict[str, float] | None] = []
+        token_lps: list[float | None] = []
+        finish = "length"
+        stop_reason: int | None = None
+        for _ in range(max_tokens):
+            lp = self.logprobs(context)
+            if temperature < 1e-5:
+                chosen = int(np.lexsort((np.arange(VOCAB_SIZE), -lp))[0])
+            else:
+                p = np.exp(log_softmax(lp / temperature))
+                chosen = int(rng.choice(VOCAB_SIZE, p=p))
+            entries: dict[str, float] = {}
+            if k is not None:
+                order = [int(i) for i in np.lexsort((np.arange(VOCAB_SIZE), -lp))[: k + 1]]
+                top = order[:k]
+                first = chosen
+                if f.k_plus_one:
+                    first = order[k]
+                entries[f"token_id:{first}"] = max(float(lp[first]), -9999.0)
+                for i in top:
+                    entries.setdefault(f"token_id:{i}", max(float(lp[i]), -9999.0))
+            top_list.append(None if f.null_top_logprobs else entries)
+            token_lps.append(None if f.null_top_logprobs else float(lp[chosen]))
+            out_ids.append(chosen)
+            context.append(chosen)
+            if chosen in stop_ids:
+                finish = "stop"
+                stop_reason = None if chosen == EOS_ID else chosen
+                break
+        if f.malformed == "not_json":
+            return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=200)
+        logprobs: Any = None
+        if k is not None:
+            logprobs = {
+                "text_offset": list(range(len(out_ids))),
+                "token_logprobs": token_lps,
+                "tokens": [f"token_id:{i}" for i in out_ids],
+                "top_logprobs": top_list,
+            }
+            if f.malformed == "no_logprobs":
+                logprobs = None
+            elif f.malformed == "bad_key" and top_list and top_list[0]:
+                top_list[0] = {"the": -0.5, **top_list[0]}
+            elif f.malformed == "bad_value" and top_list and top_list[0]:
+                key = next(iter(top_list[0]))
+                top_list[0][key] = "nan?"  # type: ignore[assignment]
+        choice = {
+            "index": 0,
+            "text": decode([i for i in out_ids if i != EOS_ID]),
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop_reason,
+            "token_ids": out_ids if body.get("return_token_ids") else None,
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+        }
+        response = {
+            "id": f"cmpl-fake-{self.completions_started}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [] if f.malformed == "no_choices" else [choice],
+            "system_fingerprint": "vllm-fake",
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(out_ids),
+                "total_tokens": len(prompt) + len(out_ids),
+                "prompt_tokens_details": None,
+            },
+        }
+        return JSONResponse(response)
+
+
+def fake_pair(**kwargs: Any) -> tuple[FakeVLLM, FakeVLLM]:
+    """(base, teacher) fakes with the same tokenizer and different distributions."""
+    return FakeVLLM("base", **kwargs), FakeVLLM("teacher", **kwargs)
+
+
+# --- serving -------------------------------------------------------------------------------
+
+BASE_URL = "http://base.fake"
+TEACHER_URL = "http://teacher.fake"
+
+
+def pair_transport(
+    apps: Mapping[str, ASGIApp] | None = None,
+    *,
+    base: FakeVLLM | None = None,
+    teacher: FakeVLLM | None = None,
+) -> httpx.AsyncBaseTransport:
+    """One in-process transport routing by origin: `{"http://base.fake": app, ...}`, or
+    `base=`/`teacher=` fakes at BASE_URL/TEACHER_URL. Unknown origins get a ConnectError
+    (an unreachable upstream)."""
+    routes: dict[str, ASGIApp] = dict(apps or {})
+    if base is not None:
+        routes[BASE_URL] = base.app
+    if teacher is not None:
+        routes[TEACHER_URL] = teacher.app
+    return _RoutingTransport(routes)
+
+
+class _RoutingTransport(httpx.AsyncBaseTransport):
+    def __init__(self, routes: Mapping[str, ASGIApp]) -> None:
+        self._transports = {
+            origin.rstrip("/"): httpx.ASGITransport(app=app) for origin, app in routes.items()
+        }
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        transport = self._transports.get(origin)
+        if transport is None:
+            raise httpx.ConnectError(f"no fake at {origin}", request=request)
+        return await transport.handle_async_request(request)
+
+
+@contextlib.contextmanager
+def serve(app: ASGIApp, *, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
+    """Serve `app` with a real uvicorn on a free port in a background thread; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"fake-uvicorn-{port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@contextlib.contextmanager
+def serve_pair(
+    base: FakeVLLM | None = None, teacher: FakeVLLM | None = None
+) -> Iterator[tuple[str, str, FakeVLLM, FakeVLLM]]:
+    """Both fakes on real ports: yields (base_url, teacher_url, base, teacher)."""
+    if base is None or teacher is None:
+        default_base, default_teacher = fake_pair()
+        base = base or default_base
+        teacher = teacher or default_teacher
+    with serve(base.app) as base_url, serve(teacher.app) as teacher_url:
+        yield base_url, teacher_url, base, teacher
+
+
+def dump(body: object) -> bytes:
+    """JSON bytes as vLLM sends them (for respx-based tests that want realistic bodies)."""
+    return json.dumps(body).encode()
