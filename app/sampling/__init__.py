@@ -1,5 +1,31 @@
 """Pure numpy math of ALGORITHM.md: no I/O, no imports from the rest of app."""
 
-from app.sampling.types import REASONS, MixConfig, Reason, SamplingError, StepResult, TopK
+from app.sampling.draw import make_generators, sample, top_logprobs
+from app.sampling.mixing import mix, mix_step, validate_config
+from app.sampling.topk import topk_from_mapping
+from app.sampling.types import (
+    REASONS,
+    MixConfig,
+    Mixture,
+    Reason,
+    SamplingError,
+    StepResult,
+    TopK,
+)
 
-__all__ = ["REASONS", "MixConfig", "Reason", "SamplingError", "StepResult", "TopK"]
+__all__ = [
+    "REASONS",
+    "MixConfig",
+    "Mixture",
+    "Reason",
+    "SamplingError",
+    "StepResult",
+    "TopK",
+    "make_generators",
+    "mix",
+    "mix_step",
+    "sample",
+    "top_logprobs",
+    "topk_from_mapping",
+    "validate_config",
+]

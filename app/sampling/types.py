@@ -81,3 +81,32 @@ class StepResult:
     filled_mass: float
     support: npt.NDArray[np.int64]
     logq: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class Mixture:
+    """The deterministic part of one step (ALGORITHM.md §1–5): q and the diagnostics, no draw.
+
+    Kept apart from the draw so speculative rounds (§8) can read q_i without sampling and
+    certified support (§9) can add an `uncertain_mass` and a "fetch more" decision here.
+
+    `support` is S (§1, sorted ids); `logq` the final sampling distribution over S (after the
+    trust region and the request's top_p/top_k, renormalized; -inf for dropped ids).
+    `draw_ids`/`draw_probs` are the ids that survived and their q (id order) for the draw.
+    `greedy_token` is set for T = 0 (argmax of q, ties lowest id): no random draw then.
+    """
+
+    support: npt.NDArray[np.int64]
+    logq: npt.NDArray[np.float64]
+    draw_ids: tuple[int, ...]
+    draw_probs: tuple[float, ...]
+    draw_logq: tuple[float, ...]
+    greedy_token: int | None
+    alpha: float | None
+    reason: Reason
+    js: float
+    overlap_count: int
+    overlap_mass: float
+    kl_gap: float
+    chernoff: float
+    filled_mass: float

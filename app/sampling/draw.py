@@ -1,0 +1,67 @@
+"""Randomness and read-outs of a step: the draw from q (§5), per-request generators (§7),
+and the top-N of log q for OpenAI `logprobs`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.sampling.types import Mixture, SamplingError, StepResult
+
+
+def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
+    """`count` independent generators for the choices of one request (ALGORITHM.md §7):
+    children of `SeedSequence(seed)` (fresh OS entropy when `seed` is None), never the global
+    numpy RNG. The same seed gives the same generators, so the same tokens byte for byte."""
+    if count < 0:
+        raise SamplingError("count must be >= 0")
+    if seed is not None and seed < 0:
+        raise SamplingError("seed must be >= 0")
+    children = np.random.SeedSequence(seed).spawn(count)
+    return [np.random.Generator(np.random.PCG64(child)) for child in children]
+
+
+def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
+    """Draw the token from the mixture's q (inverse CDF over ids in increasing order, one
+    `rng.random()` per step), or take `greedy_token` without touching `rng` (T = 0)."""
+    ids = mixture.draw_ids
+    if mixture.greedy_token is not None:
+        position = ids.index(mixture.greedy_token)
+    else:
+        u = rng.random()
+        cumulative = 0.0
+        position = -1
+        for i, p in enumerate(mixture.draw_probs):
+            if p > 0.0:
+                position = i  # last id with q > 0: the fallback when rounding leaves Σq < u
+                cumulative += p
+                if u < cumulative:
+                    break
+    return StepResult(
+        token_id=ids[position],
+        logprob=mixture.draw_logq[position],
+        alpha=mixture.alpha,
+        reason=mixture.reason,
+        js=mixture.js,
+        overlap_count=mixture.overlap_count,
+        overlap_mass=mixture.overlap_mass,
+        kl_gap=mixture.kl_gap,
+        chernoff=mixture.chernoff,
+        support_size=len(mixture.support),
+        filled_mass=mixture.filled_mass,
+        support=mixture.support,
+        logq=mixture.logq,
+    )
+
+
+def top_logprobs(result: StepResult, n: int) -> dict[int, float]:
+    """The n largest log q(y) of the distribution sampled from (ties: lower id first), in that
+    order; only ids with q > 0 (finite log q), so possibly fewer than n."""
+    if n <= 0:
+        return {}
+    pairs = [
+        (lq, y)
+        for y, lq in zip(result.support.tolist(), result.logq.tolist(), strict=True)
+        if lq != -np.inf
+    ]
+    pairs.sort(key=lambda pair: (-pair[0], pair[1]))
+    return {y: lq for lq, y in pairs[:n]}

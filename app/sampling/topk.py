@@ -1,0 +1,64 @@
+"""Reading one upstream's top-K view (ALGORITHM.md §0) and refusing what the math cannot use."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from app.sampling.types import SamplingError, TopK
+
+# vLLM clamps -inf logprobs to -9999.0 so they survive JSON; we keep that value as the finite
+# log-probability it is reported as (anything lower, including -inf, is read as the clamp), so
+# every log stays finite and no NaN can arise from 0 * log 0 or -inf - -inf later on.
+CLAMP_LOGPROB = -9999.0
+# Logprobs are float32 on the upstream: log(1) may come back as a tiny positive number.
+POSITIVE_TOLERANCE = 1e-4
+
+
+def topk_from_mapping(mapping: Mapping[int, float]) -> TopK:
+    """Build a validated `TopK` from `{token_id: logprob}` (K or K+1 entries, any order).
+
+    Raises `SamplingError` on an empty mapping, non-integer or negative ids, NaN, +inf, or a
+    logprob above 0 beyond float rounding. Values below -9999 (including -inf) become -9999.
+    """
+    if not mapping:
+        raise SamplingError("empty top-K logprobs")
+    ids: list[int] = []
+    values: list[float] = []
+    for key, value in mapping.items():
+        if isinstance(key, bool) or not isinstance(key, int | np.integer):
+            raise SamplingError(f"token id {key!r} is not an integer")
+        if key < 0:
+            raise SamplingError(f"negative token id {key}")
+        try:
+            lp = float(value)
+        except (TypeError, ValueError):
+            raise SamplingError(f"logprob of token {key} is not a number") from None
+        if math.isnan(lp) or lp > POSITIVE_TOLERANCE:
+            raise SamplingError(f"invalid logprob {lp!r} for token {key}")
+        ids.append(int(key))
+        values.append(max(lp, CLAMP_LOGPROB))
+    return TopK(ids=np.array(ids, dtype=np.int64), logprobs=np.array(values, dtype=np.float64))
+
+
+def read_topk(topk: TopK, name: str) -> tuple[list[int], list[float]]:
+    """The ids and logprobs of `topk` as Python lists, validated again (callers may build a
+    `TopK` directly). Cheap builtins only: this runs twice per generated token."""
+    if topk.ids.dtype.kind not in "iu":
+        raise SamplingError(f"{name}: token ids must be integers")
+    ids: list[int] = topk.ids.tolist()
+    lps: list[float] = topk.logprobs.tolist()
+    if not ids or len(ids) != len(lps):
+        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different lengths")
+    if min(ids) < 0:
+        raise SamplingError(f"{name}: negative token id")
+    total = sum(lps)  # NaN if any NaN, +inf if any +inf (NaN if +inf and -inf)
+    if total != total or total == math.inf:
+        raise SamplingError(f"{name}: NaN or +inf logprob")
+    if max(lps) > POSITIVE_TOLERANCE:
+        raise SamplingError(f"{name}: positive logprob {max(lps)!r}")
+    if min(lps) < CLAMP_LOGPROB:
+        lps = [max(v, CLAMP_LOGPROB) for v in lps]
+    return ids, lps
