@@ -1,0 +1,500 @@
+"""One vLLM upstream (a model, possibly on several replicas) behind one pooled httpx client.
+
+Everything the gateway asks of vLLM goes through `UpstreamClient`: the per-step next-token
+top-K probe (../shared/reference/vllm-api.md §9), model discovery (`/v1/models`), tokenization
+of text and of chat messages (`/tokenize`, so the gateway needs no model files),
+detokenization (`/detokenize`) and `/tokenizer_info`. Failures become the typed errors of
+app/errors.py:
+
+| what happened                                   | error                         | HTTP |
+|-------------------------------------------------|-------------------------------|------|
+| read/write/pool timeout                         | UpstreamTimeoutError          | 504  |
+| connect error or connect timeout, upstream 503   | UpstreamUnavailableError      | 503  |
+| other 5xx, broken connection, malformed body     | UpstreamError                 | 502  |
+| 4xx (the upstream's message is kept)            | UpstreamRejectedError         | 400  |
+
+Retries (with exponential backoff, `Settings.upstream_retries` times) happen only for
+idempotent calls and only when the request certainly did no work: a connect error/timeout (the
+request never reached the server) or a 503 (vLLM's "not ready / retryable" answer). Every call
+here is idempotent - the probe has `max_tokens: 1`, `temperature: 0` and no side effect beyond
+warming the prefix cache - so all of them are retried on those two conditions, and never on a
+read timeout, a 5xx other than 503 or a 4xx (repeating those would double the latency for the
+same answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from app.errors import (
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from app.sampling import TopK, topk_from_mapping
+from app.sampling.types import SamplingError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_TOKEN_ID_PREFIX = "token_id:"
+_MAX_ALLOWED = re.compile(r"max allowed:\s*(\d+)")
+_RETRY_BASE_SECONDS = 0.1
+_RETRY_MAX_SECONDS = 2.0
+
+
+class StartupError(RuntimeError):
+    """The gateway must not serve: the message names the upstream and the fix.
+
+    Not an HTTP error (no entry in app/errors.py's table): it stops `dual-vllm serve` before
+    it listens, and the batch job before it reads its dataset.
+    """
+
+
+class CallObserver(Protocol):
+    """The part of app.coordinator.Observer this module reports to."""
+
+    def upstream_call(self, upstream: str, seconds: float, error: str | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What `/v1/models` says about the served model."""
+
+    name: str
+    max_model_len: int
+    root: str | None = None
+
+
+def _error_label(exc: UpstreamError) -> str:
+    if isinstance(exc, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(exc, UpstreamUnavailableError):
+        return "unavailable"
+    if isinstance(exc, UpstreamRejectedError):
+        return "rejected"
+    return "bad_response"
+
+
+def _upstream_message(response: httpx.Response) -> str:
+    """The human part of an error body: vLLM's `error.message`, FastAPI's `detail`, or text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "detail" in body:
+            return str(body["detail"])
+    return str(body)[:500]
+
+
+def parse_top_logprobs(body: Any, *, upstream: str) -> TopK:
+    """The first generated position's `{"token_id:123": lp}` of a completions body -> TopK.
+
+    Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
+    ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
+    position, a text key or a non-number value is a malformed body.
+    """
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+        top = logprobs["top_logprobs"]
+        first = top[0]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
+        ) from exc
+    if first is None:
+        raise UpstreamError(
+            f"{upstream} upstream returned null top_logprobs for the next token",
+            upstream=upstream,
+        )
+    if not isinstance(first, dict):
+        raise UpstreamError(
+            f"{upstream} upstream returned malformed top_logprobs", upstream=upstream
+        )
+    mapping: dict[int, float] = {}
+    for key, value in first.items():
+        if not isinstance(key, str) or not key.startswith(_TOKEN_ID_PREFIX):
+            raise UpstreamError(
+                f"{upstream} upstream keyed logprobs by text ({key!r}); it must honour "
+                "return_tokens_as_token_ids",
+                upstream=upstream,
+            )
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise UpstreamError(
+                f"{upstream} upstream returned a non-numeric logprob {value!r}",
+                upstream=upstream,
+            )
+        try:
+            token_id = int(key[len(_TOKEN_ID_PREFIX) :])
+        except ValueError as exc:
+            raise UpstreamError(
+                f"{upstream} upstream returned a bad token key {key!r}", upstream=upstream
+            ) from exc
+        mapping[token_id] = float(value)
+    if not mapping:
+        raise UpstreamError(
+            f"{upstream} upstream returned no usable top_logprobs", upstream=upstream
+        )
+    try:
+        return topk_from_mapping(mapping)
+    except SamplingError as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned unusable logprobs: {exc}", upstream=upstream
+        ) from exc
+
+
+class UpstreamClient:
+    """One model behind one pooled `httpx.AsyncClient` (several URLs = replicas).
+
+    `name` is "base" or "teacher" (error messages, metric labels). Create it, `await start()`
+    (or `async with`), and `await aclose()` at the end: one client for the process lifetime.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        urls: Sequence[str],
+        settings: Settings,
+        *,
+        model: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        observer: CallObserver | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("an upstream needs at least one URL")
+        self.name = name
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model = model
+        self._settings = settings
+        self._transport = transport
+        self._observer = observer
+        self._client: httpx.AsyncClient | None = None
+        self.info: ModelInfo | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        s = self._settings
+        # Explicit limits and timeouts (STYLE.md: no unlimited pools, no timeout=None). The
+        # read timeout bounds one probe; pool waits are bounded by the same read timeout.
+        timeout = httpx.Timeout(
+            connect=s.upstream_connect_timeout,
+            read=s.upstream_read_timeout,
+            write=s.upstream_read_timeout,
+            pool=s.upstream_read_timeout,
+        )
+        limits = httpx.Limits(
+            max_connections=s.upstream_max_connections,
+            max_keepalive_connections=s.upstream_max_connections,
+            keepalive_expiry=30.0,
+        )
+        self._client = httpx.AsyncClient(
+            timeout=timeout,
+            limits=limits,
+            transport=self._transport,
+            headers={"Content-Type": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def __aenter__(self) -> UpstreamClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def replica(self, affinity: int = 0) -> str:
+        """A stable replica per affinity key, so one sequence's prefix cache stays warm."""
+        return self.urls[affinity % len(self.urls)]
+
+    # --- transport ---------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        affinity: int = 0,
+        url: str | None = None,
+    ) -> httpx.Response:
+        """One call with error mapping and safe retries (see the module docstring)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{self.name} upstream client used before start()")
+        target = (url or self.replica(affinity)) + path
+        retries = self._settings.upstream_retries
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                response = await self._send(client, method, target, json)
+            except UpstreamError as exc:
+                self._observe(started, exc)
+                retryable = isinstance(exc, UpstreamUnavailableError)
+                if not retryable or attempt >= retries:
+                    raise
+                delay = min(_RETRY_BASE_SECONDS * 2**attempt, _RETRY_MAX_SECONDS)
+                log.warning(
+                    "%s upstream %s %s failed (%s); retry %d/%d in %.2fs",
+                    self.name,
+                    method,
+                    target,
+                    exc.message,
+                    attempt + 1,
+                    retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            self._observe(started, None)
+            return response
+
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        target: str,
+        json: Mapping[str, Any] | None,
+    ) -> httpx.Response:
+        name = self.name
+        try:
+            response = await client.request(method, target, json=json)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise UpstreamUnavailableError(
+                f"{name} upstream at {target} is unreachable: {exc or type(exc).__name__}",
+                upstream=name,
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(
+                f"{name} upstream at {target} did not answer in time ({type(exc).__name__})",
+                upstream=name,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(
+                f"{name} upstream at {target} failed: {exc or type(exc).__name__}",
+                upstream=name,
+            ) from exc
+        status = response.status_code
+        if status < 400:
+            return response
+        message = _upstream_message(response)
+        if status == 503:
+            raise UpstreamUnavailableError(
+                f"{name} upstream is unavailable (503): {message}", upstream=name
+            )
+        if status >= 500:
+            raise UpstreamError(f"{name} upstream error ({status}): {message}", upstream=name)
+        raise UpstreamRejectedError(
+            f"{name} upstream rejected the request: {message}", upstream=name
+        )
+
+    def _observe(self, started: float, exc: UpstreamError | None) -> None:
+        if self._observer is not None:
+            seconds = time.perf_counter() - started
+            self._observer.upstream_call(
+                self.name, seconds, None if exc is None else _error_label(exc)
+            )
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(
+                f"{self.name} upstream returned a body that is not JSON "
+                f"({response.headers.get('content-type', 'no content type')})",
+                upstream=self.name,
+            ) from exc
+
+    def _malformed(self, what: str) -> UpstreamError:
+        return UpstreamError(
+            f"{self.name} upstream returned a malformed {what}", upstream=self.name
+        )
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    def probe_body(self, prompt: Sequence[int], k: int) -> dict[str, Any]:
+        """The per-step request (vLLM reference §9): ids in, one position of raw top-K out.
+
+        `temperature: 0` makes vLLM's own pick the argmax, so exactly K entries come back
+        (K+1 only on ties); neutral penalties keep server defaults from moving that pick.
+        """
+        body: dict[str, Any] = {
+            "prompt": list(prompt),
+            "max_tokens": 1,
+            "logprobs": k,
+            "temperature": 0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "return_tokens_as_token_ids": True,
+            "stream": False,
+        }
+        if self.model is not None:
+            body["model"] = self.model
+        return body
+
+    async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> TopK:
+        """The next-token top-K (K or K+1 entries) after `prompt`, keyed by token id."""
+        response = await self._request(
+            "POST", "/v1/completions", json=self.probe_body(prompt, k), affinity=affinity
+        )
+        return parse_top_logprobs(self._json(response), upstream=self.name)
+
+    async def health(self) -> bool:
+        """Every replica answers /health with 200 (one short attempt each, no retries)."""
+        client = self._client
+        if client is None:
+            return False
+
+        async def one(url: str) -> bool:
+            try:
+                response = await client.get(url + "/health", timeout=5.0)
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(url)) for url in self.urls]
+        return all(task.result() for task in tasks)
+
+    async def discover(self) -> ModelInfo:
+        """`/v1/models` of every replica: the served model (Settings' name, else the only /
+        first one) and its max_model_len (the smallest over replicas)."""
+        infos: list[ModelInfo] = []
+        for url in self.urls:
+            response = await self._request("GET", "/v1/models", url=url)
+            body = self._json(response)
+            try:
+                cards = [c for c in body["data"] if isinstance(c, dict)]
+            except (KeyError, TypeError) as exc:
+                raise self._malformed("/v1/models body") from exc
+            if not cards:
+                raise StartupError(f"{self.name} upstream at {url} serves no model")
+            names = [str(c.get("id")) for c in cards]
+            if self.model is not None:
+                if self.model not in names:
+                    raise StartupError(
+                        f"{self.name} upstream at {url} does not serve model {self.model!r} "
+                        f"(it serves {', '.join(names)}); fix DUAL_VLLM_{self.name.upper()}_MODEL"
+                    )
+                card = cards[names.index(self.model)]
+            else:
+                card = cards[0]
+            max_len = card.get("max_model_len")
+            if not isinstance(max_len, int) or max_len <= 0:
+                raise StartupError(
+                    f"{self.name} upstream at {url} does not report max_model_len for "
+                    f"{card.get('id')!r} (is it a LoRA card?)"
+                )
+            root = card.get("root")
+            infos.append(ModelInfo(str(card.get("id")), max_len, str(root) if root else None))
+        if len({i.name for i in infos}) > 1:
+            raise StartupError(
+                f"{self.name} replicas serve different models: "
+                + ", ".join(f"{u} -> {i.name}" for u, i in zip(self.urls, infos, strict=True))
+            )
+        info = ModelInfo(infos[0].name, min(i.max_model_len for i in infos), infos[0].root)
+        self.model = info.name
+        self.info = info
+        return info
+
+    async def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, affinity: int = 0
+    ) -> list[int]:
+        body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special_tokens}
+        if self.model is not None:
+            body["model"] = self.model
+        response = await self._request("POST", "/tokenize", json=body, affinity=affinity)
+        return self._tokens(self._json(response))
+
+    async def tokenize_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        affinity: int = 0,
+    ) -> list[int]:
+        """The model's own chat template applied by the upstream (vLLM's /tokenize chat form;
+        `add_special_tokens: false` because the template already holds them)."""
+        body: dict[str, Any] = {
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+            "add_special_tokens": False,
+        }
+        if self.model is not None:
+            body["model"] = self.model
+        response = await self._request("POST", "/tokenize", json=body, affinity=affinity)
+        return self._tokens(self._json(response))
+
+    def _tokens(self, body: Any) -> list[int]:
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise self._malformed("/tokenize body")
+        return tokens
+
+    async def detokenize(self, ids: Sequence[int], *, affinity: int = 0) -> str:
+        body: dict[str, Any] = {"tokens": list(ids)}
+        if self.model is not None:
+            body["model"] = self.model
+        response = await self._request("POST", "/detokenize", json=body, affinity=affinity)
+        data = self._json(response)
+        text = data.get("prompt") if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise self._malformed("/detokenize body")
+        return text
+
+    async def tokenizer_info(self) -> dict[str, Any] | None:
+        """`GET /tokenizer_info`, or None when the endpoint is not enabled (404)."""
+        try:
+            response = await self._request("GET", "/tokenizer_info")
+        except UpstreamRejectedError:
+            return None
+        data = self._json(response)
+        if not isinstance(data, dict):
+            raise self._malformed("/tokenizer_info body")
+        return data
+
+    async def check_logprobs(self, prompt: Sequence[int], k: int) -> None:
+        """One probe with logprobs=K; a 400 naming the maximum becomes a StartupError."""
+        try:
+            await self.topk(prompt, k)
+        except UpstreamRejectedError as exc:
+            match = _MAX_ALLOWED.search(exc.message)
+            if match is None:
+                raise StartupError(
+                    f"{self.name} upstream at {self.urls[0]} rejected a logprobs={k} probe: "
+                    f"{exc.message}"
+                ) from exc
+            raise StartupError(
+                f"{self.name} upstream at {self.urls[0]} allows at most {match.group(1)} "
+                f"logprobs but K={k} is configured: lower DUAL_VLLM_TOP_K (or the request's "
+                f"mixing.top_k) or restart vLLM with --max-logprobs {k} or more"
+            ) from exc
