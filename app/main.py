@@ -1,0 +1,250 @@
+"""`create_app()`: the FastAPI app, its lifespan, admission and the error handlers.
+
+Nothing happens at import time. The lifespan builds the coordinator (both upstream clients)
+and the metrics, and closes them; tests and `dual-vllm serve` may pass their own.
+
+Every error leaves through app/errors.py's table (`{"error": {message, type, param, code}}`):
+validation errors are 400 naming the parameter (never FastAPI's 422), unknown exceptions are a
+logged 500 with a generic message (never a stack trace or a path).
+
+Admission (a pure ASGI middleware, so it also covers the whole life of a stream): API keys on
+`/v1/*` when `Settings.api_keys` is set (401, constant-time comparison), then at most
+`Settings.max_concurrent_requests` generation requests at once (429), and the request metrics
+(in flight, duration, outcome).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import (
+    AUTHENTICATION,
+    INTERNAL,
+    INVALID_REQUEST,
+    RATE_LIMIT,
+    DualVLLMError,
+    ErrorKind,
+    error_body,
+    error_body_for,
+)
+from app.routes import ENDPOINTS, Backend, Gateway, HTTPObserver, router
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    coordinator: Backend | None = None,
+    metrics: HTTPObserver | None = None,
+) -> FastAPI:
+    """The gateway app. Without `settings` they are read from the environment now; without
+    `coordinator` / `metrics` the lifespan builds (and closes) them."""
+    settings = Settings() if settings is None else settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            observer = metrics
+            if observer is None:
+                from app.metrics import Metrics
+
+                observer = Metrics()
+            if coordinator is None:
+                from app.coordinator import Coordinator
+
+                built = Coordinator(settings, observer=observer)  # type: ignore[arg-type]
+                backend: Backend = await stack.enter_async_context(built)
+            else:
+                backend = coordinator
+            app.state.gateway = Gateway(settings=settings, backend=backend, metrics=observer)
+            yield
+
+    app = FastAPI(
+        title="dual-vllm",
+        summary="OpenAI-compatible gateway sampling from the mixture of two vLLM models",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_exception_handler(DualVLLMError, _dual_vllm_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(AdmissionMiddleware, settings=settings)
+    return app
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def _error(message: str, kind: ErrorKind, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param), status_code=kind.status)
+
+
+async def _dual_vllm_error(request: Request, exc: DualVLLMError) -> JSONResponse:
+    if exc.status >= 500:
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    return JSONResponse(error_body_for(exc), status_code=exc.status)
+
+
+# pydantic adds union-member tags to an error's location (`prompt.list[int].0`,
+# `content.str`); they are not parameter names.
+_TAG = re.compile(r"[\[\]\-]|^[A-Z]|^(str|int|float|bool|list|dict|none|literal)$")
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    parts: list[str] = []
+    for item in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif not _TAG.search(item):
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or None
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """(message, param) for the first pydantic error, in OpenAI's style."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    param = _param(tuple(first.get("loc", ())))
+    kind = first.get("type", "")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON", None
+    if param is None:
+        if kind == "missing":
+            return "a JSON request body is required", None
+        return f"invalid request body: {message}", None
+    if kind == "extra_forbidden":
+        return f"`{param}` is not a supported parameter", param
+    if kind == "missing":
+        return f"`{param}` is required", param
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"invalid `{param}`: {message}{more}", param
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(list(exc.errors()))
+    return _error(message, INVALID_REQUEST, param)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = ErrorKind(exc.status_code, "invalid_request_error", None)
+    response = _error(str(exc.detail), kind)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error on %s", request.url.path, exc_info=exc)
+    return _error("internal server error", INTERNAL)
+
+
+# --- admission -----------------------------------------------------------------------------
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 429:
+        return "rate_limited"
+    if status == 499:
+        return "cancelled"
+    if status < 500:
+        return "client_error"
+    if status in (502, 503, 504):
+        return "upstream_error"
+    return "internal_error"
+
+
+class AdmissionMiddleware:
+    """API keys, the concurrency limit and the request metrics (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.limit = settings.max_concurrent_requests
+        self.in_flight = 0
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                header = value
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        # Compare with every key, in constant time per key (no early exit on a match).
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        endpoint = ENDPOINTS.get(path)
+        metrics: HTTPObserver | None = None
+        if endpoint is not None:
+            gateway = getattr(scope["app"].state, "gateway", None)
+            metrics = None if gateway is None else gateway.metrics
+        started = time.perf_counter()
+
+        def finished(outcome: str) -> None:
+            if metrics is not None and endpoint is not None:
+                metrics.request_finished(endpoint, outcome, time.perf_counter() - started)
+
+        if self.keys and path.startswith("/v1/") and not self._authorized(scope):
+            if metrics is not None and endpoint is not None:
+                metrics.request_started(endpoint)
+                finished("client_error")
+            response = _error("invalid or missing API key", AUTHENTICATION)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        if metrics is not None:
+            metrics.request_started(endpoint)
+        if self.in_flight >= self.limit:
+            finished("rate_limited")
+            message = f"too many concurrent requests (the limit is {self.limit}); retry later"
+            await _error(message, RATE_LIMIT)(scope, receive, send)
+            return
+        self.in_flight += 1
+        status = 500
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        outcome = "internal_error"
+        try:
+            await self.app(scope, receive, send_status)
+            outcome = state.get("outcome") or _outcome(status)
+        except BaseException as exc:
+            outcome = "cancelled" if not isinstance(exc, Exception) else "internal_error"
+            raise
+        finally:
+            self.in_flight -= 1
+            finished(outcome)

@@ -1,0 +1,125 @@
+"""`dual-vllm serve`: the gateway on uvicorn (one worker).
+
+Settings come from the environment (`DUAL_VLLM_*`, ../shared/API.md) and `--host` / `--port`.
+The coordinator is entered (both upstreams reached, start-up checks run) BEFORE uvicorn
+starts, so a bad setting, an unreachable upstream or a taken port ends the command with one
+clear line on stderr and a non-zero status, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_SETTINGS = 2
+EXIT_STARTUP = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (default: DUAL_VLLM_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default: DUAL_VLLM_PORT or 8000)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level of the gateway and uvicorn (default: info)",
+    )
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line per problem, named by its environment variable."""
+    lines = []
+    for error in exc.errors():
+        loc = error.get("loc") or ("settings",)
+        name = f"DUAL_VLLM_{str(loc[0]).upper()}"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"  {name}: {message}")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def _port_free(host: str, port: int) -> str | None:
+    """None if host:port can be bound now, else why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+async def serve(settings: Settings, *, log_level: str = "info") -> None:
+    """Run the gateway until SIGINT/SIGTERM. Raises StartupError if it must not serve."""
+    import uvicorn
+
+    from app.coordinator import Coordinator
+    from app.main import create_app
+    from app.metrics import Metrics
+
+    metrics = Metrics()
+    async with Coordinator(settings, observer=metrics) as coordinator:
+        app = create_app(settings, coordinator=coordinator, metrics=metrics)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _quiet)
+        await uvicorn.Server(config).serve()
+
+
+def _quiet(signum: int, frame: FrameType | None) -> None:
+    """Uvicorn re-raises the signal that stopped it once it is done; by then the gateway is
+    shutting down on purpose, so the re-raised signal must not kill it before the upstream
+    clients are closed."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.upstream import StartupError
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        sys.stderr.write(f"dual-vllm serve: {settings_error(exc)}\n")
+        return EXIT_SETTINGS
+    problem = _port_free(settings.host, settings.port)
+    if problem is not None:
+        sys.stderr.write(
+            f"dual-vllm serve: cannot listen on {settings.host}:{settings.port}: {problem} "
+            "(choose another with --port or DUAL_VLLM_PORT)\n"
+        )
+        return EXIT_STARTUP
+    try:
+        asyncio.run(serve(settings, log_level=args.log_level))
+    except StartupError as exc:
+        sys.stderr.write(f"dual-vllm serve: refusing to start: {exc}\n")
+        return EXIT_STARTUP
+    except KeyboardInterrupt:  # Ctrl-C during the start-up checks
+        return 130
+    return 0
