@@ -1,0 +1,877 @@
+"""`dual-vllm generate`: a dataset of prompts in, one JSONL record per sample out (docs/BATCH.md).
+
+The job: read and map the dataset (app.batch.datasets), keep this shard's prompts, build each
+prompt as both models see it (the teacher's chat template via its server, a plain template for
+the base), skip the samples the output already holds, then generate the rest with bounded
+concurrency through one Coordinator, retrying upstream trouble with backoff, and append each
+result to the resumable store (app.batch.writer) the moment it is done. A sample that still
+fails is recorded with status "failed" (never dropped) and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+from pydantic import ValidationError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from app.batch.datasets import (
+    FORMATS,
+    DatasetError,
+    Message,
+    PromptRow,
+    SampleKey,
+    Shard,
+    parse_shard,
+    read_rows,
+    sample_seed,
+    select_shard,
+    to_prompts,
+)
+from app.batch.writer import ResultStore, StoreError
+from app.coordinator import (
+    ChatMessage,
+    Coordinator,
+    DualPrompt,
+    FinishEvent,
+    GenerationParams,
+    TokenEvent,
+    diagnostics_summary,
+)
+from app.errors import DualVLLMError, UpstreamError
+from app.sampling.types import MixConfig, SamplingError, StepResult
+from app.settings import Settings
+from app.upstream import StartupError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# API.md `mixing.preset`: full values, so a preset means the same thing on every deployment;
+# explicit options override it.
+_BALANCED: dict[str, Any] = {
+    "force_first_token": True,
+    "trust_region_top_p": 0.95,
+    "stability_check": True,
+    "js_threshold": 0.5,
+    "overlap_threshold": 0.1,
+    "auto_fallback": True,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "balanced": _BALANCED,
+    "conservative": {
+        **_BALANCED,
+        "trust_region_top_p": 0.90,
+        "js_threshold": 0.4,
+        "overlap_threshold": 0.15,
+    },
+    "explore": {
+        **_BALANCED,
+        "force_first_token": False,
+        "trust_region_top_p": None,
+        "stability_check": False,
+    },
+}
+_MIX_OPTIONS = (
+    "alpha",
+    "force_first_token",
+    "trust_region_top_p",
+    "stability_check",
+    "js_threshold",
+    "overlap_threshold",
+    "auto_fallback",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() in {"none", "null", "off"}:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    data = parser.add_argument_group("dataset")
+    data.add_argument("dataset", help="JSONL/JSON/CSV/Parquet file, or a Hugging Face dataset name")
+    data.add_argument("--format", choices=FORMATS, help="file format (default: from the suffix)")
+    data.add_argument("--split", default="train", help="Hugging Face split")
+    data.add_argument("--hf-config", help="Hugging Face dataset configuration name")
+    data.add_argument(
+        "--prompt-field",
+        default="prompt",
+        help="field with the prompt text, or a list of {role, content} messages (a.b = nested)",
+    )
+    data.add_argument("--id-field", help="field with a unique id (default: the row position)")
+    data.add_argument("--limit", type=_positive_int, help="use only the first N rows")
+    data.add_argument("--shard", type=str, help="I/N: this job's share of the dataset")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", required=True, type=Path, help="JSONL file (resumable)")
+    out.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="store per-token diagnostics and token text (needed for `report` token colouring)",
+    )
+    out.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if the output holds samples made with other options",
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument(
+        "--fsync-interval", type=float, default=1.0, help="seconds between fsyncs of the output"
+    )
+
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--system-prompt", help="system message for both models")
+    prompts.add_argument(
+        "--teacher-template",
+        help="plain template for the teacher instead of its chat template "
+        "({prompt}, {system}, or any dataset field)",
+    )
+    prompts.add_argument(
+        "--base-template",
+        help="template for the base model (default: the settings' plain rendering of the "
+        "messages, 'Question: {content}\\nAnswer:'); fields as --teacher-template",
+    )
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("-n", "--samples", type=_positive_int, default=1, help="samples per prompt")
+    gen.add_argument("--max-tokens", type=_positive_int, default=256)
+    gen.add_argument("--seed", type=int, default=0, help="job seed; each sample's derives from it")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--stop-token-id", type=int, action="append", default=[])
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument(
+        "--sample-top-k", type=int, default=0, help="OpenAI/vLLM top_k applied to q (0 = off)"
+    )
+    gen.add_argument("--concurrency", type=_positive_int, default=8, help="samples in flight")
+    gen.add_argument("--retries", type=int, default=3, help="retries of upstream failures")
+    gen.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay (doubles)")
+
+    mix = parser.add_argument_group("mixing (API.md `mixing.*`; default: the server settings)")
+    mix.add_argument("--preset", choices=sorted(PRESETS))
+    mix.add_argument("--alpha", type=_optional_float, default=argparse.SUPPRESS)
+    mix.add_argument(
+        "--force-first-token", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+    )
+    mix.add_argument(
+        "--trust-region-top-p", type=_optional_float, default=argparse.SUPPRESS, metavar="RHO"
+    )
+    mix.add_argument(
+        "--stability-check", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+    )
+    mix.add_argument("--js-threshold", type=float, default=argparse.SUPPRESS)
+    mix.add_argument("--overlap-threshold", type=float, default=argparse.SUPPRESS)
+    mix.add_argument(
+        "--auto-fallback", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+    )
+    mix.add_argument("--top-k", type=int, help="logprobs K asked of each upstream")
+
+    up = parser.add_argument_group("upstreams (default: DUAL_VLLM_* environment)")
+    up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
+    up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
+    up.add_argument("--base-model")
+    up.add_argument("--teacher-model")
+
+
+# --------------------------------------------------------------------------------------------
+# The job's configuration
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpec:
+    """One prompt as sent: teacher messages (chat template) or text, and the base text."""
+
+    base_text: str
+    teacher_messages: tuple[Message, ...] | None = None
+    teacher_text: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        teacher: dict[str, Any] = (
+            {"messages": [asdict(m) for m in self.teacher_messages]}
+            if self.teacher_messages is not None
+            else {"text": self.teacher_text}
+        )
+        return {"teacher": teacher, "base": {"text": self.base_text}}
+
+
+@dataclass(frozen=True, slots=True)
+class Templates:
+    system_prompt: str | None = None
+    teacher_template: str | None = None
+    base_template: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything `generate` needs besides Settings; built from the command line or by tests."""
+
+    dataset: str
+    output: Path
+    fmt: str | None = None
+    split: str = "train"
+    hf_config: str | None = None
+    prompt_field: str = "prompt"
+    id_field: str | None = None
+    limit: int | None = None
+    shard: Shard | None = None
+    samples: int = 1
+    seed: int = 0
+    concurrency: int = 8
+    retries: int = 3
+    retry_backoff: float = 1.0
+    templates: Templates = field(default_factory=Templates)
+    params: GenerationParams = field(default_factory=GenerationParams)
+    preset: str | None = None
+    diagnostics: bool = False
+    allow_config_change: bool = False
+    quiet: bool = False
+    fsync_interval: float = 1.0
+
+    def mixing_record(self) -> dict[str, Any]:
+        """The mixing options used, with API.md's names."""
+        mixing = self.params.mixing
+        record: dict[str, Any] = {"preset": self.preset}
+        record.update({name: getattr(mixing, name) for name in _MIX_OPTIONS})
+        record["top_k"] = self.params.top_k_upstream
+        record["diagnostics"] = self.diagnostics
+        return record
+
+    def sampling_record(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "max_tokens": p.max_tokens,
+            "temperature": p.mixing.temperature,
+            "top_p": p.mixing.top_p,
+            "top_k": p.mixing.top_k,
+            "stop": list(p.stop),
+            "stop_token_ids": list(p.stop_token_ids),
+            "ignore_eos": p.ignore_eos,
+            "job_seed": self.seed,
+        }
+
+    def config_hash(self) -> str:
+        """What must not change between a run and its resume (ids and seeds aside)."""
+        payload = {
+            "mixing": self.mixing_record(),
+            "sampling": self.sampling_record(),
+            "templates": asdict(self.templates),
+            "prompt_field": self.prompt_field,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_mixing(
+    defaults: MixConfig, preset: str | None, overrides: Mapping[str, Any], **sampling: Any
+) -> MixConfig:
+    """Server defaults, then the preset, then explicit options (API.md)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if k in _MIX_OPTIONS})
+    values.update(sampling)
+    return replace(defaults, **values)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("base_url", "teacher_url", "base_model", "teacher_model", "top_k"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
+    mixing = resolve_mixing(
+        settings.mixing_defaults(),
+        args.preset,
+        vars(args),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.sample_top_k,
+    )
+    params = GenerationParams(
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_id),
+        ignore_eos=args.ignore_eos,
+        top_k_upstream=settings.top_k,
+        mixing=mixing,
+    )
+    return Job(
+        dataset=args.dataset,
+        output=args.output,
+        fmt=args.format,
+        split=args.split,
+        hf_config=args.hf_config,
+        prompt_field=args.prompt_field,
+        id_field=args.id_field,
+        limit=args.limit,
+        shard=parse_shard(args.shard) if args.shard else None,
+        samples=args.samples,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        retries=max(0, args.retries),
+        retry_backoff=max(0.0, args.retry_backoff),
+        templates=Templates(args.system_prompt, args.teacher_template, args.base_template),
+        params=params,
+        preset=args.preset,
+        diagnostics=args.diagnostics,
+        allow_config_change=args.allow_config_change,
+        quiet=args.quiet,
+        fsync_interval=args.fsync_interval,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts as the two models see them
+
+
+def _fill(template: str, row: PromptRow, prompt: str, system: str | None, option: str) -> str:
+    values = {**row.fields, "prompt": prompt, "system": system or ""}
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise DatasetError(
+            f"{option} uses {{{exc.args[0]}}} but row {row.position} has no such field "
+            f"(available: prompt, system, {', '.join(sorted(row.fields))})"
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise DatasetError(f"{option} is not a valid template: {exc}") from None
+
+
+def build_prompt(row: PromptRow, templates: Templates, settings: Settings) -> PromptSpec:
+    if isinstance(row.prompt, str):
+        messages: tuple[Message, ...] = (Message("user", row.prompt),)
+    else:
+        messages = row.prompt
+    system = templates.system_prompt
+    if system is not None and messages[0].role != "system":
+        messages = (Message("system", system), *messages)
+    system_text = next((m.content for m in messages if m.role == "system"), None)
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+
+    if templates.base_template is not None:
+        base_text = _fill(templates.base_template, row, last_user, system_text, "--base-template")
+    else:
+        formats = {
+            "system": settings.base_system_format,
+            "assistant": settings.base_assistant_format,
+        }
+        base_text = "".join(
+            formats.get(m.role, settings.base_user_format).format(content=m.content)
+            for m in messages
+        )
+    if templates.teacher_template is not None:
+        teacher_text = _fill(
+            templates.teacher_template, row, last_user, system_text, "--teacher-template"
+        )
+        return PromptSpec(base_text=base_text, teacher_text=teacher_text)
+    return PromptSpec(base_text=base_text, teacher_messages=messages)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample results and diagnostics
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | str | None
+    prompt_tokens: int
+    completion_tokens: int
+    steps: list[StepResult]
+    token_text: list[str] | None = None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def summarize_steps(steps: Sequence[StepResult]) -> dict[str, Any]:
+    """Per-sample summary: API.md's diagnostics.summary (the coordinator's definition:
+    `fallback_rate` is the share of steps with reason "unstable", ALGORITHM.md §5 rule 3)
+    plus the counts of each α rule and a few means."""
+    solved_gaps = [s.kl_gap for s in steps if s.reason == "solved"]
+    summary: dict[str, Any] = dict(diagnostics_summary(steps))
+    summary.update(
+        reasons=dict(Counter(s.reason for s in steps)),
+        js_mean=_mean([s.js for s in steps]),
+        overlap_mass_mean=_mean([s.overlap_mass for s in steps]),
+        chernoff_mean=_mean([s.chernoff for s in steps]),
+        kl_gap_max=max(solved_gaps) if solved_gaps else None,
+        logprob_sum=math.fsum(s.logprob for s in steps),
+    )
+    return summary
+
+
+def step_columns(steps: Sequence[StepResult], token_text: list[str] | None) -> dict[str, Any]:
+    """Per-token diagnostics, column-wise like API.md's `diagnostics`."""
+    columns: dict[str, Any] = {
+        "token_ids": [s.token_id for s in steps],
+        "logprob": [s.logprob for s in steps],
+        "alpha": [s.alpha for s in steps],
+        "reason": [s.reason for s in steps],
+        "js": [s.js for s in steps],
+        "overlap_mass": [s.overlap_mass for s in steps],
+        "overlap_count": [s.overlap_count for s in steps],
+        "kl_gap": [s.kl_gap for s in steps],
+        "chernoff": [s.chernoff for s in steps],
+        "support_size": [s.support_size for s in steps],
+        "filled_mass": [s.filled_mass for s in steps],
+    }
+    if token_text is not None:
+        columns["token_text"] = token_text
+    return columns
+
+
+def _error_record(exc: BaseException) -> dict[str, Any]:
+    status = exc.status if isinstance(exc, DualVLLMError) else None
+    return {"type": type(exc).__name__, "status": status, "message": str(exc)}
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Upstream trouble that may pass (5xx, timeouts, connection errors). 4xx-like failures
+    (context length, rejected input) and math errors would fail the same way again now."""
+    if isinstance(exc, UpstreamError):
+        return exc.status >= 500
+    return isinstance(exc, httpx.TransportError | TimeoutError)
+
+
+# Failures recorded against a sample; anything else is a bug and stops the job (resumable).
+_SAMPLE_FAILURES = (DualVLLMError, SamplingError, httpx.HTTPError, TimeoutError)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and totals
+
+
+@dataclass
+class Totals:
+    total: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    tokens: int = 0
+    alpha_sum: float = 0.0
+    alpha_count: int = 0
+    fallback_steps: int = 0
+    finish: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, output: SampleOutput) -> None:
+        self.ok += 1
+        self.tokens += len(output.steps)
+        for step in output.steps:
+            if step.alpha is not None:
+                self.alpha_sum += step.alpha
+                self.alpha_count += 1
+            self.fallback_steps += step.reason == "unstable"
+        self.finish[output.finish_reason] += 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def alpha_mean(self) -> float | None:
+        return self.alpha_sum / self.alpha_count if self.alpha_count else None
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return self.fallback_steps / self.tokens if self.tokens else None
+
+    def postfix(self) -> dict[str, str]:
+        def fmt(value: float | None, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        return {
+            "tok/s": f"{self.tokens_per_second:.1f}",
+            "α": fmt(self.alpha_mean, ".3f"),
+            "fallback": fmt(self.fallback_rate, ".1%"),
+            "failed": str(self.failed),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.total,
+            "already_done": self.skipped,
+            "ok": self.ok,
+            "failed": self.failed,
+            "tokens": self.tokens,
+            "seconds": round(self.elapsed, 3),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "alpha_mean": self.alpha_mean,
+            "fallback_rate": self.fallback_rate,
+            "finish_reasons": dict(self.finish),
+        }
+
+
+def format_summary(totals: Totals, output: Path, compacted: int) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    finish = ", ".join(f"{k} {v}" for k, v in sorted(totals.finish.items())) or "-"
+    lines = [
+        f"output: {output}",
+        f"samples: {totals.total} in this job ({totals.skipped} already done, "
+        f"{totals.ok} generated, {totals.failed} failed)",
+        f"tokens: {totals.tokens} in {totals.elapsed:.1f} s ({totals.tokens_per_second:.1f} tok/s)",
+        f"alpha mean: {fmt(totals.alpha_mean, '.4f')}; "
+        f"fallback rate: {fmt(totals.fallback_rate, '.2%')}",
+        f"finish reasons: {finish}",
+    ]
+    if compacted:
+        lines.append(f"compacted: dropped {compacted} superseded record(s)")
+    if totals.failed:
+        lines.append(f"{totals.failed} sample(s) failed: rerun the same command to retry them")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+CoordinatorFactory = Callable[[Settings], Coordinator]
+
+
+class _Runner:
+    def __init__(
+        self,
+        job: Job,
+        settings: Settings,
+        coord: Coordinator,
+        store: ResultStore,
+        totals: Totals,
+        bar: tqdm[Any],
+    ) -> None:
+        self.job = job
+        self.settings = settings
+        self.coord = coord
+        self.store = store
+        self.totals = totals
+        self.bar = bar
+        self.config_hash = job.config_hash()
+        self._dual: dict[str, DualPrompt] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def dual_prompt(self, row: PromptRow, spec: PromptSpec) -> DualPrompt:
+        """Tokenize once per prompt (a failure is not cached: the retry tokenizes again)."""
+        lock = self._locks.setdefault(row.id, asyncio.Lock())
+        async with lock:
+            if row.id not in self._dual:
+                if spec.teacher_messages is not None:
+                    messages = [ChatMessage(m.role, m.content) for m in spec.teacher_messages]
+                    dual = await self.coord.chat_prompt(messages, base_prompt=spec.base_text)
+                else:
+                    (dual,) = await self.coord.completion_prompts(
+                        spec.teacher_text or "", base_prompt=spec.base_text
+                    )
+                self._dual[row.id] = dual
+            return self._dual[row.id]
+
+    async def attempt(self, dual: DualPrompt, params: GenerationParams) -> SampleOutput:
+        if not self.job.diagnostics:
+            (done,) = await self.coord.generate([dual], params)
+            return SampleOutput(
+                text=done.text,
+                token_ids=list(done.token_ids),
+                finish_reason=done.finish_reason,
+                stop_reason=done.stop_reason,
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                steps=list(done.steps),
+            )
+        # Per-token text for the report's colouring: the text each token released (a token
+        # that ends mid-character or inside a possible stop string releases "").
+        token_ids: list[int] = []
+        pieces: list[str] = []
+        steps: list[StepResult] = []
+        finish: FinishEvent | None = None
+        async for event in self.coord.stream([dual], params):
+            if isinstance(event, TokenEvent):
+                token_ids.append(event.token_id)
+                pieces.append(event.text)
+                steps.append(event.step)
+            else:
+                finish = event
+        if finish is None:
+            raise UpstreamError("the generation ended without a finish event", upstream="-")
+        if finish.text:
+            if pieces:
+                pieces[-1] += finish.text
+            else:
+                pieces.append(finish.text)
+        return SampleOutput(
+            text="".join(pieces),
+            token_ids=token_ids,
+            finish_reason=finish.finish_reason,
+            stop_reason=finish.stop_reason,
+            prompt_tokens=finish.prompt_tokens,
+            completion_tokens=finish.completion_tokens,
+            steps=steps,
+            token_text=pieces,
+        )
+
+    async def sample(self, row: PromptRow, spec: PromptSpec, index: int) -> None:
+        key: SampleKey = (row.id, index)
+        seed = sample_seed(self.job.seed, key)
+        params = replace(self.job.params, seed=seed, n=1)
+        started = time.monotonic()
+        attempts = 0
+        dual: DualPrompt | None = None
+        error: BaseException | None = None
+        output: SampleOutput | None = None
+        while True:
+            attempts += 1
+            try:
+                dual = await self.dual_prompt(row, spec)
+                output = await self.attempt(dual, params)
+                break
+            except _SAMPLE_FAILURES as exc:
+                error = exc
+                if not _retryable(exc) or attempts > self.job.retries:
+                    break
+                delay = self.job.retry_backoff * 2 ** (attempts - 1)
+                log.warning(
+                    "sample %s/%s attempt %s failed (%s); retrying in %.1f s",
+                    row.id,
+                    index,
+                    attempts,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        record: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "id": row.id,
+            "sample_index": index,
+            "status": "ok" if output is not None else "failed",
+            "position": row.position,
+            "shard": str(self.job.shard) if self.job.shard else None,
+            "seed": seed,
+            "prompt": spec.as_record(),
+            "models": {role: info.name for role, info in self.coord.models.items()},
+        }
+        if dual is not None:
+            record["prompt_token_ids"] = {"teacher": dual.teacher, "base": dual.base}
+        if output is not None:
+            record.update(
+                completion=output.text,
+                completion_token_ids=output.token_ids,
+                finish_reason=output.finish_reason,
+                stop_reason=output.stop_reason,
+                usage={
+                    "prompt_tokens": output.prompt_tokens,
+                    "base_prompt_tokens": len(dual.base) if dual is not None else None,
+                    "completion_tokens": output.completion_tokens,
+                    "total_tokens": output.prompt_tokens + output.completion_tokens,
+                },
+            )
+        record.update(mixing=self.job.mixing_record(), sampling=self.job.sampling_record())
+        if output is not None:
+            record["summary"] = summarize_steps(output.steps)
+            if self.job.diagnostics:
+                record["diagnostics"] = step_columns(output.steps, output.token_text)
+        else:
+            record["error"] = _error_record(error) if error is not None else None
+        record.update(
+            attempts=attempts,
+            elapsed_seconds=round(time.monotonic() - started, 3),
+            config_hash=self.config_hash,
+        )
+        self.store.append(record)
+        if output is not None:
+            self.totals.add(output)
+        else:
+            self.totals.failed += 1
+            log.error("sample %s/%s failed after %s attempt(s): %s", row.id, index, attempts, error)
+        self.bar.set_postfix(self.totals.postfix(), refresh=False)
+        self.bar.update(1)
+
+    async def run(self, pending: list[tuple[PromptRow, PromptSpec, int]]) -> None:
+        queue: asyncio.Queue[tuple[PromptRow, PromptSpec, int]] = asyncio.Queue()
+        for item in pending:
+            queue.put_nowait(item)
+
+        async def worker() -> None:
+            while not queue.empty():
+                row, spec, index = queue.get_nowait()
+                await self.sample(row, spec, index)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self.job.concurrency, len(pending))):
+                group.create_task(worker())
+
+
+def _check_config(job: Job, store: ResultStore, keys: set[SampleKey]) -> None:
+    expected = job.config_hash()
+    changed = sum(
+        1 for key in store.state.done & keys if store.config_hashes.get(key) not in (None, expected)
+    )
+    if changed and not job.allow_config_change:
+        raise StoreError(
+            f"{job.output} holds {changed} sample(s) of this job made with different options "
+            "(mixing, sampling, templates or prompt field). Use another --output, or pass "
+            "--allow-config-change to keep them and generate only the missing ones."
+        )
+
+
+def plan(job: Job, settings: Settings) -> list[tuple[PromptRow, PromptSpec]]:
+    rows = read_rows(job.dataset, fmt=job.fmt, split=job.split, hf_config=job.hf_config)
+    if job.limit is not None:
+        rows = rows[: job.limit]
+    prompts = select_shard(
+        to_prompts(rows, prompt_field=job.prompt_field, id_field=job.id_field), job.shard
+    )
+    # Every prompt is built before any generation so template errors show up at once.
+    return [(row, build_prompt(row, job.templates, settings)) for row in prompts]
+
+
+async def run_job(
+    job: Job,
+    settings: Settings,
+    *,
+    coordinator_factory: CoordinatorFactory = Coordinator,
+    stdout: TextIO | None = None,
+) -> Totals:
+    """Run (or resume) a job; returns the totals of this run. Raises DatasetError/StoreError
+    for unusable inputs, the coordinator's start-up error for unusable upstreams."""
+    stdout = stdout or sys.stdout
+    planned = plan(job, settings)
+    order: dict[SampleKey, int] = {}
+    for row, _ in planned:
+        for index in range(job.samples):
+            order[(row.id, index)] = len(order)
+    totals = Totals(total=len(order))
+    with ResultStore(job.output, fsync_interval=job.fsync_interval) as store:
+        if store.state.truncated_bytes:
+            log.warning(
+                "dropped a torn last line (%d bytes) of %s: an interrupted write",
+                store.state.truncated_bytes,
+                job.output,
+            )
+        _check_config(job, store, set(order))
+        done = store.state.done
+        pending = [
+            (row, spec, index)
+            for row, spec in planned
+            for index in range(job.samples)
+            if (row.id, index) not in done
+        ]
+        totals.skipped = totals.total - len(pending)
+        compacted = 0
+        with (
+            logging_redirect_tqdm(),
+            tqdm(
+                total=totals.total,
+                initial=totals.skipped,
+                desc=f"generate {job.shard}" if job.shard else "generate",
+                unit="sample",
+                disable=job.quiet,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+            if pending:
+                async with coordinator_factory(settings) as coord:
+                    runner = _Runner(job, settings, coord, store, totals, bar)
+                    await runner.run(pending)
+        if store.state.superseded:
+            compacted = store.compact(order)
+    stdout.write(format_summary(totals, job.output, compacted))
+    stdout.flush()
+    return totals
+
+
+def _settings_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        parts.append(
+            f"{name}: {error['msg']} (set DUAL_VLLM_{name.upper()} or --{name.replace('_', '-')})"
+        )
+    return "invalid settings: " + "; ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        job = job_from_args(args, settings)
+    except ValidationError as exc:
+        sys.stderr.write(f"dual-vllm generate: {_settings_error(exc)}\n")
+        return 2
+    except DatasetError as exc:
+        sys.stderr.write(f"dual-vllm generate: {exc}\n")
+        return 2
+
+    async def main() -> Totals:
+        # SIGTERM (Kubernetes pod deletion) ends the job like Ctrl-C: the store closes cleanly;
+        # the file would be consistent anyway (kill -9 safe), this only flushes the fsync.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_job(job, settings)
+
+    try:
+        totals = asyncio.run(main())
+    except (DatasetError, StoreError) as exc:
+        sys.stderr.write(f"dual-vllm generate: {exc}\n")
+        return 2
+    except StartupError as exc:  # the coordinator's start-up checks
+        sys.stderr.write(f"dual-vllm generate: {exc}\n")
+        return 2
+    except DualVLLMError as exc:
+        sys.stderr.write(f"dual-vllm generate: {exc.message}\n")
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.stderr.write(
+            "dual-vllm generate: interrupted; finished samples are saved, rerun the same "
+            "command to resume\n"
+        )
+        return 130
+    return 1 if totals.failed else 0
