@@ -1,0 +1,645 @@
+"""deploy/, Dockerfile and docker-compose.yml, checked offline.
+
+No Docker engine or cluster here, so: the compose file against the Compose Specification's
+JSON schema (shipped by check-jsonschema), the Kubernetes manifests against the Kubernetes
+OpenAPI schemas (shipped by kubernetes-validate) after rendering the kustomization, and the
+wiring between them (names, ports, probes, env vars = Settings fields, metrics = app.metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate.utils as kv
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import Metrics
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dual-vllm.json"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+
+# Kubernetes versions to validate against: an old-but-supported one and the newest shipped.
+K8S_VERSIONS = ("1.30.0", max(kv.all_versions(), key=lambda v: tuple(map(int, v.split(".")))))
+CLUSTER_SCOPED = {"Namespace"}
+
+Doc = dict[str, Any]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_all(path: Path) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> Doc:
+    doc: Doc = load_yaml(ROOT / "docker-compose.yml")
+    return doc
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with every VAR unset (the file's defaults)."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def env_dict(service: Doc) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): interpolate(str(v)) for k, v in env.items()}
+
+
+def settings_fields() -> set[str]:
+    return {f"DUAL_VLLM_{name.upper()}" for name in Settings.model_fields}
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """Build Settings exactly as the service would from these environment variables."""
+    values = {
+        key.removeprefix("DUAL_VLLM_").lower(): value
+        for key, value in env.items()
+        if key.startswith("DUAL_VLLM_")
+    }
+    # pydantic-settings parses env strings; feeding the same strings through the model's
+    # validators (csv lists, ints) is what matters here.
+    return Settings.model_validate(values)
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def exported_names() -> set[str]:
+    """Every sample name /metrics can show (histogram _bucket/_sum/_count, counter _total)."""
+    body, _ = Metrics().render()
+    names: set[str] = set()
+    for family in text_string_to_metric_families(body.decode()):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def dashboard() -> Doc:
+    doc: Doc = json.loads(DASHBOARD.read_text())
+    return doc
+
+
+def dashboard_panels(doc: Doc) -> Iterator[Doc]:
+    for panel in doc["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_exprs() -> list[str]:
+    return [
+        target["expr"]
+        for panel in dashboard_panels(dashboard())
+        for target in panel.get("targets", [])
+    ]
+
+
+def rule_exprs() -> dict[str, str]:
+    return {
+        rule["record"]: rule["expr"]
+        for group in load_yaml(RULES)["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
+# --- docker-compose.yml ----------------------------------------------------------------------
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    schema_text = (
+        importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+        .joinpath("compose-spec.json")
+        .read_text()
+    )
+    schema = json.loads(schema_text)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    errors = sorted(validator_cls(schema).iter_errors(compose()), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_compose_schema_check_can_fail() -> None:
+    """The schema really constrains services (so the test above means something)."""
+    schema = json.loads(
+        importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+        .joinpath("compose-spec.json")
+        .read_text()
+    )
+    broken = copy.deepcopy(compose())
+    broken["services"]["gateway"]["depends_on"]["vllm-base"]["condition"] = "service_ready"
+    broken["services"]["gateway"]["healthcheck"]["retries"] = "many"
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
+def profile_services(doc: Doc, profile: str) -> dict[str, Doc]:
+    return {
+        name: svc
+        for name, svc in doc["services"].items()
+        if "profiles" not in svc or profile in svc["profiles"]
+    }
+
+
+def network_names(name: str, svc: Doc) -> set[str]:
+    names = {name}
+    for net in (svc.get("networks") or {}).values():
+        names.update((net or {}).get("aliases", []))
+    return names
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_profile_is_complete(profile: str) -> None:
+    doc = compose()
+    services = profile_services(doc, profile)
+    assert {"gateway", "prometheus", "grafana"} <= set(services)
+    hosts: dict[str, str] = {}
+    for name, svc in services.items():
+        for host in network_names(name, svc):
+            assert host not in hosts, f"{host} is both {hosts[host]} and {name}"
+            hosts[host] = name
+    gateway_env = env_dict(services["gateway"])
+    settings = settings_from(gateway_env)
+    upstreams = []
+    for url in (*settings.base_url, *settings.teacher_url):
+        parsed = urlparse(url)
+        assert parsed.hostname in hosts, f"{url} names no service of profile {profile}"
+        upstreams.append(hosts[parsed.hostname])
+    assert len(set(upstreams)) == 2
+    for upstream in upstreams:
+        args = [str(a) for a in services[upstream]["command"]]
+        # vLLM may return K+1 entries (its sampled token first): allow K+1 logprobs.
+        max_logprobs = flag_value(args, "--max-logprobs")
+        assert max_logprobs is not None
+        assert int(max_logprobs) >= settings.top_k + 1
+        assert "--enable-tokenizer-info-endpoint" in args  # EOS discovery (coordinator)
+        assert flag_value(args, "--generation-config") == "vllm"
+        assert flag_value(args, "--host") == "0.0.0.0"
+        assert flag_value(args, "--port") == "8000"
+        # The gateway waits for healthy upstreams.
+        assert services["gateway"]["depends_on"][upstream]["condition"] == "service_healthy"
+    # Prometheus scrapes exactly the names this profile provides.
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = {
+        target.split(":")[0]
+        for job in prom["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    assert targets <= set(hosts), targets - set(hosts)
+
+
+def test_compose_gpu_pair_is_the_seed_example() -> None:
+    services = compose()["services"]
+    models = {}
+    for name in ("vllm-base", "vllm-teacher"):
+        svc = services[name]
+        assert svc["image"].startswith("vllm/vllm-openai:")
+        assert svc["profiles"] == ["gpu"]
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        models[name] = flag_value([str(a) for a in svc["command"]], "--model")
+    assert models == {"vllm-base": "Qwen/Qwen3-4B-Base", "vllm-teacher": "Qwen/Qwen3-14B"}
+    # Two GPUs, one each.
+    ids = [
+        tuple(services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"])
+        for n in models
+    ]
+    assert ids[0] != ids[1]
+
+
+def test_cpu_profile_needs_no_gpu_and_uses_the_project_set_up() -> None:
+    doc = compose()
+    for name, svc in profile_services(doc, "cpu").items():
+        assert "deploy" not in svc or "devices" not in str(svc["deploy"]), name
+    for name in ("vllm-cpu-base", "vllm-cpu-teacher"):
+        svc = doc["services"][name]
+        assert svc["build"]["target"] == "vllm-cpu"
+        model = flag_value([str(a) for a in svc["command"]], "--model")
+        assert model is not None
+        assert model.startswith("/opt/dual-vllm/models/")
+        assert "--enforce-eager" in svc["command"]  # REAL_VLLM.md: no 2-minute compile
+    binds = {
+        doc["services"][n]["environment"]["VLLM_CPU_OMP_THREADS_BIND"]
+        for n in ("vllm-cpu-base", "vllm-cpu-teacher")
+    }
+    assert binds == {"0", "1"}  # one core each (REAL_VLLM.md)
+
+
+def test_every_compose_service_has_a_healthcheck_and_sound_dependencies() -> None:
+    services = compose()["services"]
+    for name, svc in services.items():
+        check = svc.get("healthcheck")
+        assert check, name
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+        for dep, spec in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert spec["condition"] in ("service_healthy", "service_started")
+            if spec["condition"] == "service_healthy":
+                assert services[dep].get("healthcheck"), f"{dep} has no healthcheck"
+    # The gateway's container healthcheck asks /ready (upstreams answer), not only /health.
+    assert "/ready" in " ".join(services["gateway"]["healthcheck"]["test"])
+
+
+def test_compose_gateway_env_names_are_settings_fields() -> None:
+    env = env_dict(compose()["services"]["gateway"])
+    names = {k for k in env if k.startswith("DUAL_VLLM_")}
+    assert names, "the gateway gets no settings"
+    assert names <= settings_fields(), names - settings_fields()
+    settings = settings_from(env)
+    assert settings.host == "0.0.0.0"
+    assert settings.port == 8000
+    assert settings.api_keys == []  # DUAL_VLLM_API_KEYS unset -> open
+
+
+def test_compose_mounts_and_build_targets_exist() -> None:
+    doc = compose()
+    stages = dockerfile_stages()
+    for name, svc in doc["services"].items():
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source} missing"
+        if "build" in svc:
+            assert svc["build"]["target"] in stages, name
+    prom = doc["services"]["prometheus"]
+    config = flag_value(prom["command"], "--config.file")
+    assert config == "/etc/prometheus/prometheus.yml"
+    assert any(str(v).startswith("./deploy/prometheus:/etc/prometheus") for v in prom["volumes"])
+    grafana_volumes = [str(v) for v in doc["services"]["grafana"]["volumes"]]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana_volumes
+    provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/dual-vllm.yml")
+    path = provider["providers"][0]["options"]["path"]
+    assert f"./deploy/grafana/dashboards:{path}:ro" in grafana_volumes
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+def dockerfile_lines() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in dockerfile_lines():
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = [line]
+            stages[match.group(2) or match.group(1)] = current
+        else:
+            current.append(line)
+    return stages
+
+
+def instruction(stage: list[str], name: str) -> list[str]:
+    found = [line[len(name) :].strip() for line in stage if line.upper().startswith(name + " ")]
+    return found
+
+
+def test_dockerfile_gateway_stage() -> None:
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "gateway", "`docker build .` must give the gateway"
+    gateway = stages["gateway"]
+    assert re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim AS gateway", gateway[0])
+    user = instruction(gateway, "USER")
+    assert user
+    assert not user[-1].startswith(("root", "0")), "runs as root"
+    health = instruction(gateway, "HEALTHCHECK")
+    assert health
+    assert "/health" in health[0]
+    entrypoint = json.loads(instruction(gateway, "ENTRYPOINT")[-1])
+    cmd = json.loads(instruction(gateway, "CMD")[-1])
+    assert entrypoint + cmd == ["dual-vllm", "serve"]
+    assert "--workers" not in "\n".join(dockerfile_lines())  # one uvicorn worker
+    # No compilers or build caches in the runtime image.
+    assert not any("apt-get install" in line for line in gateway)
+    env = " ".join(instruction(gateway, "ENV"))
+    assert "DUAL_VLLM_HOST=0.0.0.0" in env  # reachable from outside the container
+
+
+def test_dockerfile_cpu_stage_reuses_the_local_set_up() -> None:
+    stage = dockerfile_stages()["vllm-cpu"]
+    runs = " ".join(instruction(stage, "RUN"))
+    assert "dual-vllm local setup" in runs
+    user = instruction(stage, "USER")
+    assert user
+    assert not user[-1].startswith(("root", "0"))
+    entrypoint = json.loads(instruction(stage, "ENTRYPOINT")[-1])
+    env = " ".join(instruction(stage, "ENV"))
+    cache = re.search(r"DUAL_VLLM_CACHE_DIR=(\S+)", env)
+    assert cache is not None
+    assert entrypoint[0].startswith(cache.group(1) + "/")
+    assert entrypoint[1:] == ["-m", "vllm.entrypoints.openai.api_server"]  # REAL_VLLM.md
+    # compose's CPU healthchecks use the same interpreter.
+    for name in ("vllm-cpu-base", "vllm-cpu-teacher"):
+        svc = compose()["services"][name]
+        assert svc["healthcheck"]["test"][1] == entrypoint[0]
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "**"  # ignore everything ...
+    assert {"!pyproject.toml", "!README.md", "!app/"} <= set(lines)  # ... but the package
+    copied = {
+        part
+        for stage in dockerfile_stages().values()
+        for line in instruction(stage, "COPY")
+        if not line.startswith("--from")
+        for part in line.split()[:-1]
+    }
+    assert copied <= {"pyproject.toml", "README.md", "app"}
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def render_kustomization(directory: Path) -> list[Doc]:
+    """What `kustomize build` does for the features this kustomization uses: resources,
+    namespace, labels (without selectors) and image tags."""
+    kustomization = load_yaml(directory / "kustomization.yaml")
+    allowed = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
+    assert set(kustomization) <= allowed, "renderer does not know " + str(
+        set(kustomization) - allowed
+    )
+    docs: list[Doc] = []
+    for resource in kustomization["resources"]:
+        docs.extend(load_all(directory / resource))
+    images = {image["name"]: image for image in kustomization.get("images", [])}
+    for doc in docs:
+        meta = doc.setdefault("metadata", {})
+        if doc["kind"] not in CLUSTER_SCOPED and "namespace" in kustomization:
+            meta["namespace"] = kustomization["namespace"]
+        for label_set in kustomization.get("labels", []):
+            assert not label_set.get("includeSelectors", False)
+            meta.setdefault("labels", {}).update(label_set["pairs"])
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []):
+            name = container["image"].split(":")[0]
+            if name in images:
+                tag = images[name].get("newTag")
+                container["image"] = f"{images[name].get('newName', name)}:{tag}"
+    return docs
+
+
+def key(doc: Doc) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[Doc]:
+    return render_kustomization(K8S)
+
+
+def by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_kustomize_rendering_matches_kubectl(k8s_docs: list[Doc]) -> None:
+    kubectl = shutil.which("kubectl")
+    kustomize = shutil.which("kustomize")
+    if kustomize:
+        command = [kustomize, "build", str(K8S)]
+    elif kubectl:
+        command = [kubectl, "kustomize", str(K8S)]
+    else:
+        pytest.skip("no kustomize/kubectl binary: the in-test renderer alone is used")
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+    theirs = sorted(yaml.safe_load_all(out.stdout), key=key)
+    ours = sorted(k8s_docs, key=key)
+    assert [key(d) for d in theirs] == [key(d) for d in ours]
+    assert theirs == ours
+
+
+def test_k8s_manifests_match_the_kubernetes_schemas(k8s_docs: list[Doc]) -> None:
+    validated = set()
+    for version in K8S_VERSIONS:
+        for doc in k8s_docs:
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # a CRD: no schema in kubernetes-validate; checked below by hand
+            kv.validate(doc, version, strict=True)  # raises on any error or unknown field
+            validated.add(key(doc))
+    assert {
+        ("Deployment", "dual-vllm-gateway"),
+        ("Service", "dual-vllm-gateway"),
+        ("HorizontalPodAutoscaler", "dual-vllm-gateway"),
+        ("PodDisruptionBudget", "dual-vllm-gateway"),
+        ("Deployment", "vllm-base"),
+        ("Deployment", "vllm-teacher"),
+        ("Service", "vllm-base"),
+        ("Service", "vllm-teacher"),
+        ("ConfigMap", "dual-vllm-gateway"),
+        ("Namespace", "dual-vllm"),
+    } <= validated
+
+
+def test_k8s_schema_check_can_fail(k8s_docs: list[Doc]) -> None:
+    deployment = copy.deepcopy(by_kind(k8s_docs, "Deployment")["dual-vllm-gateway"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
+        "pathh"
+    ] = "/ready"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, K8S_VERSIONS[-1], strict=True)
+    deployment = copy.deepcopy(by_kind(k8s_docs, "Deployment")["dual-vllm-gateway"])
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+def test_k8s_gateway_wiring(k8s_docs: list[Doc]) -> None:
+    deployment = by_kind(k8s_docs, "Deployment")["dual-vllm-gateway"]
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The image's ENTRYPOINT is `dual-vllm`; args pick the command.
+    assert container["args"] == ["serve"]
+    assert container["image"] == "dual-vllm:0.1.0"
+
+    # Settings: every env name is a field, and the config builds a valid Settings.
+    (config_ref,) = container["envFrom"]
+    config = by_kind(k8s_docs, "ConfigMap")[config_ref["configMapRef"]["name"]]["data"]
+    names = set(config) | {e["name"] for e in container.get("env", [])}
+    assert names <= settings_fields(), names - settings_fields()
+    settings = settings_from(config)
+    assert settings.port == 8000
+    services = by_kind(k8s_docs, "Service")
+    for url in (*settings.base_url, *settings.teacher_url):
+        parsed = urlparse(url)
+        assert parsed.hostname in services, url
+        assert parsed.port in {p["port"] for p in services[parsed.hostname]["spec"]["ports"]}
+
+    # Service -> pods, HPA -> Deployment, PDB -> pods.
+    service = services["dual-vllm-gateway"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    hpa = by_kind(k8s_docs, "HorizontalPodAutoscaler")["dual-vllm-gateway"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "dual-vllm-gateway",
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    pdb = by_kind(k8s_docs, "PodDisruptionBudget")["dual-vllm-gateway"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # drains can proceed
+
+
+def test_k8s_servicemonitor_by_hand(k8s_docs: list[Doc]) -> None:
+    """No CRD schema ships with kubernetes-validate: check the fields Prometheus Operator's
+    ServiceMonitor v1 needs and that they point at the gateway Service's metrics port."""
+    (monitor,) = by_kind(k8s_docs, "ServiceMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    service = by_kind(k8s_docs, "Service")["dual-vllm-gateway"]
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+s", endpoint["interval"])
+    # Same namespace as the Service it selects (no namespaceSelector needed).
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+
+
+def test_k8s_vllm_examples(k8s_docs: list[Doc]) -> None:
+    deployments = by_kind(k8s_docs, "Deployment")
+    models = {}
+    for name in ("vllm-base", "vllm-teacher"):
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        assert container["image"].startswith("vllm/vllm-openai:")
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        args = container["args"]
+        models[name] = flag_value(args, "--model")
+        max_logprobs = flag_value(args, "--max-logprobs")
+        assert max_logprobs is not None
+        assert int(max_logprobs) >= 21
+        assert "--enable-tokenizer-info-endpoint" in args
+    assert models == {"vllm-base": "Qwen/Qwen3-4B-Base", "vllm-teacher": "Qwen/Qwen3-14B"}
+
+
+# --- Prometheus rules and the dashboard ---------------------------------------------------------
+
+METRIC_RE = re.compile(r"\b(dual_vllm_[a-z0-9_]+)\b")
+
+
+def test_every_queried_metric_is_exported() -> None:
+    exported = exported_names()
+    queried: set[str] = set()
+    for expr in [*dashboard_exprs(), *rule_exprs().values()]:
+        queried.update(METRIC_RE.findall(expr))
+    assert len(queried) >= 15
+    assert queried <= exported, sorted(queried - exported)
+    # And the issue's list is on the dashboard.
+    on_board = {name for expr in dashboard_exprs() for name in METRIC_RE.findall(expr)}
+    for needed in (
+        "dual_vllm_alpha_bucket",
+        "dual_vllm_steps_total",
+        "dual_vllm_js_divergence_bucket",
+        "dual_vllm_overlap_mass_bucket",
+        "dual_vllm_chernoff_information_bucket",
+        "dual_vllm_generated_tokens_total",
+        "dual_vllm_time_to_first_token_seconds_bucket",
+        "dual_vllm_inter_token_latency_seconds_bucket",
+        "dual_vllm_upstream_request_duration_seconds_bucket",
+        "dual_vllm_upstream_errors_total",
+    ):
+        assert needed in on_board, needed
+
+
+def test_exported_names_check_can_fail() -> None:
+    assert "dual_vllm_alpha_bucket" in exported_names()
+    assert "dual_vllm_alpha_total" not in exported_names()
+
+
+def test_recording_rule_names() -> None:
+    rules = rule_exprs()
+    assert len(rules) >= 10
+    for record in rules:
+        # level:metric:operations, the level being our prefix.
+        assert re.fullmatch(r"dual_vllm:[a-z0-9_]+:[a-z0-9_]+", record), record
+    for expr in rules.values():
+        assert not re.search(r"\bdual_vllm:", expr), "rules must build on raw series"
+
+
+def test_dashboard_structure() -> None:
+    doc = dashboard()
+    assert doc["uid"] == "dual-vllm"
+    panels = list(dashboard_panels(doc))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    kinds = {p["type"] for p in panels}
+    assert {"timeseries", "heatmap", "row"} <= kinds
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("α distribution", "fallback", "js", "overlap", "chernoff", "tokens/s"):
+        assert topic in titles, topic
+    assert "time to first token" in titles
+    assert "upstream errors" in titles
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert variables["datasource"]["current"]["value"] == "prometheus"
+    datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
+    assert datasource["datasources"][0]["uid"] == "prometheus"
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert 'instance=~"$instance"' in target["expr"], target["expr"]
+    # No two panels overlap on the 24-column grid.
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24
+        mine = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert not mine & cells, panel["title"]
+        cells |= mine
