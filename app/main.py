@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,9 +51,11 @@ def create_app(
     *,
     coordinator: Backend | None = None,
     metrics: HTTPObserver | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """The gateway app. Without `settings` they are read from the environment now; without
-    `coordinator` / `metrics` the lifespan builds (and closes) them."""
+    `coordinator` / `metrics` the lifespan builds (and closes) them. `transport` replaces the
+    network under the coordinator it builds (in-process tests: tests.fakes.pair_transport)."""
     settings = Settings() if settings is None else settings
 
     @asynccontextmanager
@@ -66,7 +69,11 @@ def create_app(
             if coordinator is None:
                 from app.coordinator import Coordinator
 
-                built = Coordinator(settings, observer=observer)  # type: ignore[arg-type]
+                built = Coordinator(
+                    settings,
+                    observer=observer,  # type: ignore[arg-type]
+                    transport=transport,
+                )
                 backend: Backend = await stack.enter_async_context(built)
             else:
                 backend = coordinator
@@ -128,6 +135,8 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     if param is None:
         if kind == "missing":
             return "a JSON request body is required", None
+        if kind in ("dict_type", "model_attributes_type", "model_type"):
+            return "the request body must be a JSON object", None
         return f"invalid request body: {message}", None
     if kind == "extra_forbidden":
         return f"`{param}` is not a supported parameter", param

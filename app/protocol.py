@@ -421,6 +421,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
 # --- responses -----------------------------------------------------------------------------
 
+# Our and vLLM's additions to OpenAI's response shapes are left out when unused, so plain
+# OpenAI responses look exactly like OpenAI's.
+_OMITTED = Field(None, exclude_if=lambda value: value is None)
+
 
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
@@ -448,7 +452,7 @@ class Diagnostics(BaseModel):
     kl_gap: list[float | None]
     chernoff: list[float | None]
     filled_mass: list[float | None]
-    summary: DiagnosticsSummary | None = None
+    summary: DiagnosticsSummary | None = _OMITTED
 
 
 class CompletionLogProbs(BaseModel):
@@ -464,8 +468,8 @@ class CompletionResponseChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-    diagnostics: Diagnostics | None = None
+    token_ids: list[int] | None = _OMITTED
+    diagnostics: Diagnostics | None = _OMITTED
 
 
 class CompletionResponse(BaseModel):
@@ -483,7 +487,7 @@ class CompletionStreamResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionResponseChoice]
-    usage: UsageInfo | None = None
+    usage: UsageInfo | None = _OMITTED
 
 
 class ChatCompletionLogProb(BaseModel):
@@ -506,7 +510,7 @@ class ChatMessage(BaseModel):
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: Literal["assistant"] | None = _OMITTED
     content: str | None = None
 
 
@@ -516,8 +520,8 @@ class ChatCompletionResponseChoice(BaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-    diagnostics: Diagnostics | None = None
+    token_ids: list[int] | None = _OMITTED
+    diagnostics: Diagnostics | None = _OMITTED
 
 
 class ChatCompletionResponse(BaseModel):
@@ -535,8 +539,8 @@ class ChatCompletionResponseStreamChoice(BaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-    diagnostics: Diagnostics | None = None
+    token_ids: list[int] | None = _OMITTED
+    diagnostics: Diagnostics | None = _OMITTED
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -545,7 +549,7 @@ class ChatCompletionStreamResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
-    usage: UsageInfo | None = None
+    usage: UsageInfo | None = _OMITTED
 
 
 class ModelCard(BaseModel):

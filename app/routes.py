@@ -175,7 +175,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
 
 
 def _json(model: BaseModel) -> Response:
-    return Response(model.model_dump_json(exclude_unset=True), media_type="application/json")
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 router = APIRouter()

@@ -51,7 +51,7 @@ class StreamObserver(Protocol):
 
 def frame(payload: BaseModel | Mapping[str, Any]) -> bytes:
     if isinstance(payload, BaseModel):
-        text = payload.model_dump_json(exclude_unset=True)
+        text = payload.model_dump_json()
     else:
         text = json.dumps(payload, separators=(",", ":"))
     return b"data: " + text.encode("utf-8") + b"\n\n"
