@@ -23,22 +23,18 @@ def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
 def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
     """Draw the token from the mixture's q (inverse CDF over ids in increasing order, one
     `rng.random()` per step), or take `greedy_token` without touching `rng` (T = 0)."""
-    ids = mixture.draw_ids
+    q = mixture.q
     if mixture.greedy_token is not None:
-        position = ids.index(mixture.greedy_token)
+        position = int(mixture.support.searchsorted(mixture.greedy_token))
     else:
-        u = rng.random()
-        cumulative = 0.0
-        position = -1
-        for i, p in enumerate(mixture.draw_probs):
-            if p > 0.0:
-                position = i  # last id with q > 0: the fallback when rounding leaves Σq < u
-                cumulative += p
-                if u < cumulative:
-                    break
+        cumulative = np.cumsum(q)
+        # side="right": the first id whose cumulative q exceeds u, so never an id with q = 0.
+        position = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
+        if position >= q.shape[0]:  # u·Σq rounded up to Σq
+            position = int(np.flatnonzero(q)[-1])
     return StepResult(
-        token_id=ids[position],
-        logprob=mixture.draw_logq[position],
+        token_id=int(mixture.support[position]),
+        logprob=float(mixture.logq[position]),
         alpha=mixture.alpha,
         reason=mixture.reason,
         js=mixture.js,

@@ -1,10 +1,11 @@
 """One mixing step: align, temper, diagnose, trust region, α, q (ALGORITHM.md §1–5).
 
 `mix` is the deterministic part (q and the diagnostics, no randomness); `mix_step` adds the
-draw (`app.sampling.draw.sample`). Everything runs on Python floats: a step touches a few dozen
-ids, where numpy's per-call overhead costs more than the arithmetic (bench/sampling.py).
+draw (`app.sampling.draw.sample`). A step touches a few dozen ids, where numpy's per-call
+overhead (not the arithmetic) is the cost: the code counts calls, avoids axis reductions and
+`max` where a bound is known, and does scalar work in Python floats (bench/sampling.py).
 
-Numerical conventions (all documented outputs stay finite; NaN never escapes):
+Numerical conventions (every output stays finite; NaN never escapes):
 - vLLM's -9999 clamp is kept as the finite log-probability -9999 (see `topk.CLAMP_LOGPROB`),
   so d = log p_t − log p_b is finite everywhere.
 - Temperatures below 1e-5 are greedy, as in vLLM (`_SAMPLING_EPS`); this also bounds 1/T.
@@ -13,30 +14,30 @@ Numerical conventions (all documented outputs stay finite; NaN never escapes):
 from __future__ import annotations
 
 import math
-from itertools import compress
-from operator import add, mul
 
 import numpy as np
+import numpy.typing as npt
 
 from app.sampling.draw import sample
-from app.sampling.solver import Point, evaluate, solve
-from app.sampling.topk import read_topk
+from app.sampling.solver import Point, evaluate, moments_matrix, solve
+from app.sampling.topk import ModelView, read_topk
 from app.sampling.types import MixConfig, Mixture, Reason, SamplingError, StepResult, TopK
 
 FILL_FLOOR = 1e-10  # §1: the smallest value a missing id gets
 IDENTICAL_TOLERANCE = 1e-12  # §5.4
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it, sampling is greedy
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+_LN2 = math.log(2.0)
+_UNDERFLOW = 1e-150
 
-_exp = math.exp
-_log = math.log
-_NEG_INF = -math.inf
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 
 
 def validate_config(config: MixConfig) -> None:
     """Raise `SamplingError` for option values the math must not run with.
 
-    Written as `not (lo <= x <= hi)` so NaN fails every check."""
+    Written as `not lo <= x <= hi` so NaN fails every check."""
     alpha = config.alpha
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise SamplingError("mixing.alpha must be in [0, 1] or null")
@@ -51,7 +52,7 @@ def validate_config(config: MixConfig) -> None:
         raise SamplingError("temperature must be in [0, 2]")
     if not 0.0 < config.top_p <= 1.0:
         raise SamplingError("top_p must be in (0, 1]")
-    if not isinstance(config.top_k, int) or config.top_k < -1:
+    if isinstance(config.top_k, bool) or not isinstance(config.top_k, int) or config.top_k < -1:
         raise SamplingError("top_k must be -1, 0 (off) or a positive integer")
 
 
@@ -67,113 +68,121 @@ def mix(
 
     Definitions of the reported values:
     - `js`, `overlap_count`, `overlap_mass`: §3, on the tempered p_b, p_t over all of S.
-    - `alpha`, `reason`: §4–5 (`alpha` is None exactly when `reason == "single_token"`).
+    - `alpha`, `reason`: §4–5; `alpha` is None exactly when `reason == "single_token"`
+      (which wins over every §5 rule: the nucleus leaves nothing to mix).
     - `kl_gap` = |KL(q_α‖p_b) − KL(q_α‖p_t)| = |g(α)| at the α used, on the trust-region
       support, before the request's top_p/top_k: ≤ 1e-9 when `reason == "solved"` (except
-      where float64 cannot resolve it, see `solver.solve`), whatever it is for the other
-      reasons, 0 for `single_token`.
+      where float64 cannot resolve it, see `solver.solve`); for the other reasons it is the
+      same quantity at the α the rule imposed; 0 for `single_token`.
     - `chernoff` = −log Σ p_b^(1−α) p_t^α at the α used, on the same support (0 for
-      `single_token`); equals C of §5 when `reason == "solved"`.
+      `single_token`); it is the Chernoff information C of §5 when `reason == "solved"`.
     - `filled_mass`: Σ of the final q over ids that at least one model did not return.
-    - `logq`/`draw_*`: after the request's top_k then top_p (vLLM's order), renormalized.
+    - `logq`/`q`: after the request's top_k then top_p (vLLM's order), renormalized.
     - T = 0: §3–5 run at T = 1 and `greedy_token` = argmax q (ties: lowest id); `logq` is
       that T = 1 distribution (what OpenAI-style logprobs report for greedy decoding).
     """
     validate_config(config)
-    ids_b, raw_b = read_topk(base, "base")
-    ids_t, raw_t = read_topk(teacher, "teacher")
-    known_b = dict(zip(ids_b, raw_b, strict=True))
-    known_t = dict(zip(ids_t, raw_t, strict=True))
-    if len(known_b) != len(ids_b) or len(known_t) != len(ids_t):
+    b = read_topk(base, "base")
+    t = read_topk(teacher, "teacher")
+
+    # §1: one support S (sorted union of ids), fills for what each model did not return.
+    kb, kt = b.ids.shape[0], t.ids.shape[0]
+    merged = np.concatenate((b.ids, t.ids))
+    merged.sort()
+    if merged[0] < 0:
+        raise SamplingError("negative token id in top-K logprobs")
+    first = np.empty(kb + kt, dtype=bool)
+    first[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=first[1:])
+    support = merged[first]
+    n = support.shape[0]
+    pos_b = support.searchsorted(b.ids)
+    pos_t = support.searchsorted(t.ids)
+    shared = np.zeros(n)
+    shared[pos_b] = 1.0
+    known_t = np.zeros(n)
+    known_t[pos_t] = 1.0
+    shared *= known_t  # 1.0 on K_b ∩ K_t
+    overlap_count = int(shared.sum())
+    if kb + kt - n != overlap_count:  # |K_b| + |K_t| − |S| counts duplicates too
         raise SamplingError("duplicate token id in top-K logprobs")
-
-    # §1: one support, fills for what each model did not return.
-    support = sorted(known_b.keys() | known_t.keys())
-    n = len(support)
-    log_b = _aligned(known_b, raw_b, support)
-    log_t = _aligned(known_t, raw_t, support)
-    shared = [y in known_b and y in known_t for y in support]
-    overlap_count = sum(shared)
-
-    # §2: temperature on both models (T = 0: everything at T = 1, then argmax).
+    # §2: the temperature applies to both models (T = 0: everything at T = 1, then argmax).
     temperature = config.temperature
     greedy = temperature < GREEDY_TEMPERATURE
-    if not greedy and temperature != 1.0:
-        inverse = 1.0 / temperature
-        log_b = [v * inverse for v in log_b]
-        log_t = [v * inverse for v in log_t]
-    lb, pb = _normalize(log_b)
-    lt, pt = _normalize(log_t)
+    inverse_t = 1.0 if greedy else 1.0 / temperature
+    lb, pb = _tempered(b, pos_b, n, inverse_t)
+    lt, pt = _tempered(t, pos_t, n, inverse_t)
 
     # §3: stability diagnostics on all of S.
     js = _jensen_shannon(lb, pb, lt, pt)
-    overlap_mass = min(sum(compress(pb, shared)), sum(compress(pt, shared)))
+    overlap_mass = min(float(pb @ shared), float(pt @ shared))
     unstable = js > config.js_threshold or overlap_mass < config.overlap_threshold
 
-    # §4: trust region, before α.
-    active = list(range(n))
+    # §4: trust region on the teacher, before α.
+    active: IntArray | None = None  # None: all of S
     rho = config.trust_region_top_p
     if rho is not None and rho < 1.0:
-        nucleus = _nucleus(pt, active, rho)
-        if len(nucleus) < n:
-            active = sorted(nucleus)
-            lb = _renormalized([lb[i] for i in active])
-            lt = _renormalized([lt[i] for i in active])
+        nucleus = _nucleus(pt, pt, rho)
+        if nucleus.shape[0] < n:
+            active = np.sort(nucleus)
+            lb = _renormalized(lb[active])
+            lt = _renormalized(lt[active])
 
     # §5: α (first rule that applies), then q_α.
-    d = [t - b for b, t in zip(lb, lt, strict=True)]
+    d = lt - lb
+    moments = moments_matrix(d)
     alpha: float | None
     reason: Reason
     point: Point
-    if len(active) == 1:
+    if active is not None and active.shape[0] == 1:
         alpha, reason = None, "single_token"
-        point = evaluate(lb, d, [0.0], 1.0)
+        point = evaluate(lb, moments, 1.0)
     else:
         if config.force_first_token and first_token:
             alpha, reason = 1.0, "first_token"
         elif config.alpha is not None:
-            alpha, reason = config.alpha, "fixed"
+            alpha, reason = float(config.alpha), "fixed"
         elif config.stability_check and unstable and config.auto_fallback:
             alpha, reason = 1.0, "unstable"
-        elif max(map(abs, d)) < IDENTICAL_TOLERANCE:
+        elif float(moments[2].max()) < IDENTICAL_TOLERANCE * IDENTICAL_TOLERANCE:
             alpha, reason = 0.5, "identical"
         else:
             alpha, reason = None, "solved"
         if alpha is None:
-            point = solve(lb, d, alpha_hint)
+            point = solve(lb, moments, alpha_hint)
             alpha = point.alpha
         else:
-            point = evaluate(lb, d, [e * e for e in d], alpha)
+            point = evaluate(lb, moments, alpha)
 
     # q_α, then the request's top_k / top_p on it.
-    x = point.x
-    log_norm = point.shift + _log(point.z)
-    inverse_z = 1.0 / point.z
-    probs = [w * inverse_z for w in point.w]
-    logq = [v - log_norm for v in x]
-    keep = _request_filter(x, probs, config.top_k, config.top_p)
+    log_norm = point.shift + math.log(point.z)
+    q = point.w / point.z
+    logq = point.x - log_norm
+    keep = _request_filter(point.x, q, config.top_k, config.top_p)
     if keep is not None:
-        mass = math.fsum(probs[i] for i in keep)
-        log_mass = _log(mass)
-        inverse_mass = 1.0 / mass
-        probs = [probs[i] * inverse_mass for i in keep]
-        logq = [logq[i] - log_mass for i in keep]
-        x = [x[i] for i in keep]
-        active = [active[i] for i in keep]
-
-    draw_ids = tuple(support[i] for i in active)
-    full_logq = [_NEG_INF] * n
-    for i, v in zip(active, logq, strict=True):
-        full_logq[i] = v
-    filled_mass = math.fsum(p for p, i in zip(probs, active, strict=True) if not shared[i])
-    greedy_token = draw_ids[x.index(max(x))] if greedy else None  # first max: lowest id
-    chernoff = -log_norm  # −log Σ p_b^(1−α) p_t^α = −(shift + log z)
+        mass = float(q[keep].sum())
+        kept_q = q[keep] / mass
+        kept_logq = logq[keep] - math.log(mass)
+        q = np.zeros(q.shape[0])
+        q[keep] = kept_q
+        logq = np.full(q.shape[0], -np.inf)
+        logq[keep] = kept_logq
+    greedy_token = None
+    if greedy:  # argmax returns the first maximum: the lowest id
+        top = int(np.argmax(point.x))
+        greedy_token = int(support[top if active is None else active[top]])
+    if active is not None:
+        q_active, logq_active = q, logq
+        q = np.zeros(n)
+        q[active] = q_active
+        logq = np.full(n, -np.inf)
+        logq[active] = logq_active
+    filled_mass = 1.0 - float(q @ shared)  # q off the ids both models returned
+    chernoff = -log_norm
     return Mixture(
-        support=np.array(support, dtype=np.int64),
-        logq=np.array(full_logq, dtype=np.float64),
-        draw_ids=draw_ids,
-        draw_probs=tuple(probs),
-        draw_logq=tuple(logq),
+        support=support,
+        logq=logq,
+        q=q,
         greedy_token=greedy_token,
         alpha=alpha,
         reason=reason,
@@ -182,7 +191,7 @@ def mix(
         overlap_mass=min(overlap_mass, 1.0),
         kl_gap=abs(point.g),
         chernoff=chernoff if chernoff > 0.0 else 0.0,
-        filled_mass=min(filled_mass, 1.0),
+        filled_mass=min(max(filled_mass, 0.0), 1.0),
     )
 
 
@@ -195,83 +204,85 @@ def mix_step(
     rng: np.random.Generator,
     alpha_hint: float | None = None,
 ) -> StepResult:
-    """The full step: `mix` (§1–5) then the draw from q with `rng` (§7).
+    """The full step: `mix` (§1–5) then the draw from q with `rng` (§5, §7).
 
-    `alpha_hint` is the previous step's α of this sequence (warm start of the solver only:
-    the result does not depend on it beyond the solver tolerance). The reported `logprob` is
-    log q(token) of the distribution actually sampled from: after the trust region and the
-    request's top_p/top_k (for T = 0 see `mix`).
+    `alpha_hint` is the previous step's α of this sequence (a warm start for the solver only).
+    The reported `logprob` is log q(token) of the distribution actually sampled from: after
+    the trust region and the request's top_p/top_k (for T = 0 see `mix`).
     """
     return sample(mix(base, teacher, config, first_token=first_token, alpha_hint=alpha_hint), rng)
 
 
-def _aligned(known: dict[int, float], logprobs: list[float], support: list[int]) -> list[float]:
-    """§1: the raw log-probabilities of one model over S, missing ids filled with
-    max(min(min known P, tail / |missing|), 1e-10)."""
-    missing = len(support) - len(known)
-    if missing == 0:
-        return [known[y] for y in support]
-    probs = [_exp(v) for v in logprobs]
-    tail = 1.0 - math.fsum(probs)  # fsum: exact, so the fill does not depend on input order
-    fill = min(min(probs), tail / missing) if tail > 0.0 else 0.0
-    log_fill = _log(fill if fill > FILL_FLOOR else FILL_FLOOR)
-    get = known.get
-    return [get(y, log_fill) for y in support]
+def _tempered(
+    view: ModelView, positions: IntArray, n: int, inverse_t: float
+) -> tuple[FloatArray, FloatArray]:
+    """§1 + §2 for one model: log p and p over S, normalized, missing ids filled with
+    max(min(min known P, tail / |missing|), 1e-10) before the temperature."""
+    missing = n - view.ids.shape[0]
+    top = view.top
+    if missing:
+        tail = 1.0 - float(np.exp(view.logprobs).sum())
+        fill = min(math.exp(view.low), tail / missing) if tail > 0.0 else 0.0
+        log_fill = math.log(fill if fill > FILL_FLOOR else FILL_FLOOR)
+        logs = np.full(n, log_fill)
+        top = max(top, log_fill)
+    else:
+        logs = np.empty(n)
+    logs[positions] = view.logprobs
+    # Subtract the max (a known scalar: no reduction) before exp, then normalize.
+    logs -= top
+    if inverse_t != 1.0:
+        logs *= inverse_t
+    p = np.exp(logs)
+    total = float(p.sum())  # ≥ 1: the max is exp(0)
+    p /= total
+    logs -= math.log(total)
+    return logs, p
 
 
-def _normalize(raw: list[float]) -> tuple[list[float], list[float]]:
-    """Log-probabilities and probabilities of `raw` renormalized (log-sum-exp, max first)."""
-    top = max(raw)
-    e = [_exp(v - top) for v in raw]
-    total = sum(e)
-    inverse = 1.0 / total
-    log_total = top + _log(total)
-    return [v - log_total for v in raw], [v * inverse for v in e]
+def _renormalized(logs: FloatArray) -> FloatArray:
+    """log-softmax of a subset of normalized log-probabilities (all ≤ 0: no overflow)."""
+    total = float(np.exp(logs).sum())
+    if total < _UNDERFLOW:  # e.g. the base puts (almost) no mass on the teacher's nucleus
+        top = float(logs.max())
+        return logs - (top + math.log(float(np.exp(logs - top).sum())))
+    return logs - math.log(total)
 
 
-def _renormalized(logs: list[float]) -> list[float]:
-    top = max(logs)
-    log_total = top + _log(sum([_exp(v - top) for v in logs]))
-    return [v - log_total for v in logs]
+def _jensen_shannon(lb: FloatArray, pb: FloatArray, lt: FloatArray, pt: FloatArray) -> float:
+    """½KL(p_b‖m) + ½KL(p_t‖m) = ½[Σ p_b log p_b + Σ p_t log p_t − Σ s log(s/2)], s = p_b + p_t.
+    One log per id; 0·log 0 terms vanish because the logs are finite (s = 0 only when both
+    underflow, where the 1e-300 keeps log finite and the term is 0)."""
+    s = pb + pt
+    half = s * 0.5
+    half += 1e-300
+    js = 0.5 * (float(pb @ lb) + float(pt @ lt) - float(s @ np.log(half)))
+    return min(max(js, 0.0), _LN2)  # rounding can step outside [0, ln 2]
 
 
-def _jensen_shannon(lb: list[float], pb: list[float], lt: list[float], pt: list[float]) -> float:
-    """½KL(p_b‖m) + ½KL(p_t‖m) = ½[Σ p_b log p_b + Σ p_t log p_t − Σ s log(s/2)], s = p_b + p_t
-    (one log per id; 0·log 0 terms vanish because the logs are finite)."""
-    s: list[float] = list(map(add, pb, pt))
-    cross = sum([v * _log(0.5 * v) for v in s if v > 0.0])
-    js: float = 0.5 * (sum(map(mul, pb, lb)) + sum(map(mul, pt, lt)) - cross)
-    return min(max(js, 0.0), math.log(2.0))  # rounding can step outside [0, ln 2]
+def _nucleus(order_key: FloatArray, values: FloatArray, p: float) -> IntArray:
+    """Indices of the fewest ids with the largest `order_key` whose cumulative `values` reach
+    p·Σ values, the crossing id included; ties: lower index (= lower id) first. Unsorted."""
+    order = np.argsort(-order_key, kind="stable")
+    cumulative = np.cumsum(values[order])
+    count = int(cumulative.searchsorted(p * cumulative[-1])) + 1
+    return order[:count]
 
 
-def _nucleus(values: list[float], candidates: list[int], p: float) -> list[int]:
-    """The fewest candidates with the largest values whose cumulative value reaches p·Σ,
-    the crossing one included; ties: lower index (= lower id) first. Unsorted result."""
-    # A stable sort in reverse keeps equal values in their (id) order.
-    order = sorted(candidates, key=values.__getitem__, reverse=True)
-    threshold = p * sum([values[i] for i in candidates])
-    cumulative = 0.0
-    for count, i in enumerate(order, 1):
-        cumulative += values[i]
-        if cumulative >= threshold:
-            return order[:count]
-    return order
-
-
-def _request_filter(
-    x: list[float], probs: list[float], top_k: int, top_p: float
-) -> list[int] | None:
+def _request_filter(x: FloatArray, q: FloatArray, top_k: int, top_p: float) -> IntArray | None:
     """Positions kept by the request's top_k then top_p (vLLM's order: top_p acts on the
-    top_k-renormalized q), sorted; None when nothing is dropped."""
-    m = len(x)
-    if top_k > 0 and top_k < m:
-        candidates = sorted(range(m), key=x.__getitem__, reverse=True)[:top_k]
+    top_k-renormalized q); sorted, or None when nothing is dropped. Ordered by log q (x),
+    which ranks like q but stays distinct where q underflows."""
+    m = x.shape[0]
+    if 0 < top_k < m:
+        order = np.argsort(-x, kind="stable")[:top_k]
+        if top_p < 1.0:
+            cumulative = np.cumsum(q[order])
+            order = order[: int(cumulative.searchsorted(top_p * cumulative[-1])) + 1]
     elif top_p < 1.0:
-        candidates = list(range(m))
+        order = _nucleus(x, q, top_p)
     else:
         return None
-    if top_p < 1.0:
-        candidates = _nucleus(probs, candidates, top_p)
-    if len(candidates) == m:
+    if order.shape[0] == m:
         return None
-    return sorted(candidates)
+    return np.sort(order)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from app.sampling.types import SamplingError, TopK
 
@@ -21,7 +23,8 @@ def topk_from_mapping(mapping: Mapping[int, float]) -> TopK:
     """Build a validated `TopK` from `{token_id: logprob}` (K or K+1 entries, any order).
 
     Raises `SamplingError` on an empty mapping, non-integer or negative ids, NaN, +inf, or a
-    logprob above 0 beyond float rounding. Values below -9999 (including -inf) become -9999.
+    logprob above 0 beyond float rounding (1e-4). Values below -9999 (including -inf) become
+    -9999, the value vLLM reports for -inf.
     """
     if not mapping:
         raise SamplingError("empty top-K logprobs")
@@ -32,10 +35,9 @@ def topk_from_mapping(mapping: Mapping[int, float]) -> TopK:
             raise SamplingError(f"token id {key!r} is not an integer")
         if key < 0:
             raise SamplingError(f"negative token id {key}")
-        try:
-            lp = float(value)
-        except (TypeError, ValueError):
-            raise SamplingError(f"logprob of token {key} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+            raise SamplingError(f"logprob of token {key} is not a number")
+        lp = float(value)
         if math.isnan(lp) or lp > POSITIVE_TOLERANCE:
             raise SamplingError(f"invalid logprob {lp!r} for token {key}")
         ids.append(int(key))
@@ -43,22 +45,34 @@ def topk_from_mapping(mapping: Mapping[int, float]) -> TopK:
     return TopK(ids=np.array(ids, dtype=np.int64), logprobs=np.array(values, dtype=np.float64))
 
 
-def read_topk(topk: TopK, name: str) -> tuple[list[int], list[float]]:
-    """The ids and logprobs of `topk` as Python lists, validated again (callers may build a
-    `TopK` directly). Cheap builtins only: this runs twice per generated token."""
-    if topk.ids.dtype.kind not in "iu":
+class ModelView(NamedTuple):
+    """One model's validated top-K, with the extremes the alignment needs."""
+
+    ids: npt.NDArray[np.int64]
+    logprobs: npt.NDArray[np.float64]
+    top: float  # max logprob
+    low: float  # min logprob
+
+
+def read_topk(topk: TopK, name: str) -> ModelView:
+    """Validate `topk` again (callers may build a `TopK` directly) with cheap builtins: this
+    runs twice per generated token. Duplicate and negative ids are caught by the alignment."""
+    ids = topk.ids
+    logprobs = np.asarray(topk.logprobs, dtype=np.float64)
+    if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
+        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
+    if ids.dtype.kind not in "iu":
         raise SamplingError(f"{name}: token ids must be integers")
-    ids: list[int] = topk.ids.tolist()
-    lps: list[float] = topk.logprobs.tolist()
-    if not ids or len(ids) != len(lps):
-        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different lengths")
-    if min(ids) < 0:
-        raise SamplingError(f"{name}: negative token id")
-    total = sum(lps)  # NaN if any NaN, +inf if any +inf (NaN if +inf and -inf)
+    values: list[float] = logprobs.tolist()
+    total = sum(values)  # NaN if any NaN, +inf if any +inf (NaN if +inf and -inf)
     if total != total or total == math.inf:
         raise SamplingError(f"{name}: NaN or +inf logprob")
-    if max(lps) > POSITIVE_TOLERANCE:
-        raise SamplingError(f"{name}: positive logprob {max(lps)!r}")
-    if min(lps) < CLAMP_LOGPROB:
-        lps = [max(v, CLAMP_LOGPROB) for v in lps]
-    return ids, lps
+    top = max(values)
+    if top > POSITIVE_TOLERANCE:
+        raise SamplingError(f"{name}: positive logprob {top!r}")
+    low = min(values)
+    if low < CLAMP_LOGPROB:
+        logprobs = np.maximum(logprobs, CLAMP_LOGPROB)
+        low = CLAMP_LOGPROB
+        top = max(top, CLAMP_LOGPROB)
+    return ModelView(ids.astype(np.int64, copy=False), logprobs, top, low)

@@ -92,15 +92,13 @@ class Mixture:
 
     `support` is S (§1, sorted ids); `logq` the final sampling distribution over S (after the
     trust region and the request's top_p/top_k, renormalized; -inf for dropped ids).
-    `draw_ids`/`draw_probs` are the ids that survived and their q (id order) for the draw.
+    `q` is the same distribution as probabilities (0 for dropped ids), what the draw uses.
     `greedy_token` is set for T = 0 (argmax of q, ties lowest id): no random draw then.
     """
 
     support: npt.NDArray[np.int64]
     logq: npt.NDArray[np.float64]
-    draw_ids: tuple[int, ...]
-    draw_probs: tuple[float, ...]
-    draw_logq: tuple[float, ...]
+    q: npt.NDArray[np.float64]
     greedy_token: int | None
     alpha: float | None
     reason: Reason
