@@ -643,3 +643,41 @@ def test_dashboard_structure() -> None:
         }
         assert not mine & cells, panel["title"]
         cells |= mine
+
+
+def split_flags(args: list[str]) -> list[str]:
+    """`--flag=value` -> `--flag value`, the form app.localvllm builds."""
+    out: list[str] = []
+    for arg in args:
+        out.extend(arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg])
+    return out
+
+
+def test_cpu_services_run_what_dual_vllm_local_start_runs() -> None:
+    """The compose CPU servers are `dual-vllm local start`'s servers, in containers: same
+    interpreter layout, model folders, flags and environment (only host/port differ)."""
+    from app.localvllm.servers import default_specs, server_command, server_env
+    from app.localvllm.setup import Layout
+
+    stage = dockerfile_stages()["vllm-cpu"]
+    image_env = dict(
+        re.findall(r"(\w+)=(\S+)", " ".join(instruction(stage, "ENV")))
+    )  # ENV A=1 B=2 ...
+    layout = Layout(Path(image_env["DUAL_VLLM_CACHE_DIR"]))
+    entrypoint = json.loads(instruction(stage, "ENTRYPOINT")[-1])
+    services = compose()["services"]
+    for spec in default_specs(layout):
+        svc = services[f"vllm-cpu-{spec.role}"]
+        ours = split_flags(entrypoint + [str(a) for a in svc["command"]])
+        theirs = server_command(layout, spec)
+        for flag, value in (("--host", "0.0.0.0"), ("--port", "8000")):
+            ours[ours.index(flag) + 1] = value
+            theirs[theirs.index(flag) + 1] = value
+        assert ours == theirs
+        wanted = {
+            k: v
+            for k, v in server_env(spec, base={}).items()
+            if k.startswith(("HF_", "TRANSFORMERS_", "VLLM_", "DO_NOT"))
+        }
+        have = {**image_env, **env_dict(svc)}
+        assert {k: have.get(k) for k in wanted} == wanted
