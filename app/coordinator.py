@@ -43,7 +43,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -367,9 +367,8 @@ class Coordinator:
                     "token-id mixing needs two models with the same tokenizer"
                 )
             k = self.settings.top_k
-            await both(
-                self.base.check_logprobs(base_ids, k), self.teacher.check_logprobs(base_ids, k)
-            )
+            probe = base_ids[:4]  # short: fits any context length
+            await both(self.base.check_logprobs(probe, k), self.teacher.check_logprobs(probe, k))
             self.eos_token_ids = await self._eos_ids()
         except UpstreamError as exc:
             client = self.base if exc.upstream == "base" else self.teacher
@@ -443,10 +442,15 @@ class Coordinator:
                 return await client.tokenize(item, add_special_tokens=True)
             return _check_ids(item, param)
 
-        async with asyncio.TaskGroup() as group:
-            teacher_tasks = [group.create_task(ids(self.teacher, p, "prompt")) for p in teachers]
-            base_param = "prompt" if base_prompt is None else "base_prompt"
-            base_tasks = [group.create_task(ids(self.base, p, base_param)) for p in bases]
+        base_param = "prompt" if base_prompt is None else "base_prompt"
+        try:
+            async with asyncio.TaskGroup() as group:
+                teacher_tasks = [
+                    group.create_task(ids(self.teacher, p, "prompt")) for p in teachers
+                ]
+                base_tasks = [group.create_task(ids(self.base, p, base_param)) for p in bases]
+        except BaseExceptionGroup as exc:
+            raise _leaf(exc) from None
         return [
             DualPrompt(teacher=t.result(), base=b.result())
             for t, b in zip(teacher_tasks, base_tasks, strict=True)
@@ -570,12 +574,14 @@ class Coordinator:
 
     def stream(
         self, prompts: Sequence[DualPrompt], params: GenerationParams
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Events of every choice, interleaved as they happen. Cancelling the consumer
         cancels every upstream call of this request.
 
         Validation errors (InvalidRequestError, ContextLengthError) are raised by this call,
-        before any event; upstream errors are raised from the iteration."""
+        before any event; upstream errors are raised from the iteration. It is an async
+        generator: `async with contextlib.aclosing(coord.stream(...)) as events` closes it
+        (and cancels its upstream calls) as soon as the consumer stops."""
         plan = self._plan(prompts, params, incremental=True)
         return self._events(plan)
 
@@ -716,13 +722,13 @@ class Coordinator:
                         seq.alpha = result.alpha
                     finish: FinishReason | None = None
                     stop_reason: int | str | None = None
+                    adds_text = True
                     if y in plan.eos:
-                        finish = "stop"
+                        finish, adds_text = "stop", False
                     elif y in plan.stop_ids:
                         finish, stop_reason = "stop", y
-                        if params.include_stop_str_in_output:
-                            text_ids.append(y)
-                    else:
+                        adds_text = params.include_stop_str_in_output
+                    if adds_text:
                         text_ids.append(y)
                     if finish is None and len(seq.generated) >= seq.budget:
                         finish = "length"
@@ -732,7 +738,7 @@ class Coordinator:
                         # concurrently with them instead of before them.
                         next_step = group.create_task(self._step(plan, seq))
                     released = ""
-                    if plan.incremental and text_ids and text_ids[-1] == y:
+                    if plan.incremental and adds_text:
                         text = await self.teacher.detokenize(text_ids, affinity=seq.affinity)
                         hit = self._find_stop(plan, seq, text)
                         if hit is not None:
@@ -791,7 +797,8 @@ class Coordinator:
             at = text.find(stop, start)
             if at >= 0 and (best is None or at < best[0]):
                 best = (at, stop)
-        seq.scanned = len(text)
+        # A trailing U+FFFD may still become another character: scan it again next time.
+        seq.scanned = len(text.rstrip("\ufffd"))
         if best is None:
             return None
         at, stop = best
