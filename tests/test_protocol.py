@@ -1,0 +1,280 @@
+"""app/protocol.py: request validation, the request -> GenerationParams/MixConfig mapping, and
+the response builders (logprobs, diagnostics). No I/O."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from app import protocol
+from app.errors import InvalidRequestError
+from app.main import validation_message
+from app.sampling.types import StepResult
+from app.settings import Settings
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(base_url=["http://b"], teacher_url=["http://t"], **overrides)
+
+
+def completion(**body: Any) -> protocol.CompletionRequest:
+    return protocol.CompletionRequest.model_validate({"prompt": "hi", **body})
+
+
+def chat(**body: Any) -> protocol.ChatCompletionRequest:
+    return protocol.ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], **body}
+    )
+
+
+def step(token_id: int, *, alpha: float | None = 0.5, reason: str = "solved") -> StepResult:
+    return StepResult(
+        token_id=token_id,
+        logprob=-0.5,
+        alpha=alpha,
+        reason=reason,  # type: ignore[arg-type]
+        js=0.1,
+        overlap_count=3,
+        overlap_mass=0.9,
+        kl_gap=float("nan"),
+        chernoff=float("inf"),
+        support_size=4,
+        filled_mass=0.0,
+        support=np.array([token_id], dtype=np.int64),
+        logq=np.array([-0.5]),
+    )
+
+
+# --- mixing: server defaults, presets, explicit fields --------------------------------------
+
+
+def test_absent_mixing_keeps_every_server_default() -> None:
+    s = settings(alpha=0.3, js_threshold=0.7, trust_region_top_p=0.8)
+    config = completion().mix_config(s)
+    assert (config.alpha, config.js_threshold, config.trust_region_top_p) == (0.3, 0.7, 0.8)
+    assert (config.temperature, config.top_p, config.top_k) == (1.0, 1.0, 0)
+
+
+def test_presets_set_the_documented_values() -> None:
+    s = settings()
+    conservative = completion(mixing={"preset": "conservative"}).mix_config(s)
+    assert (
+        conservative.trust_region_top_p,
+        conservative.js_threshold,
+        conservative.overlap_threshold,
+    ) == (0.90, 0.4, 0.15)
+    explore = completion(mixing={"preset": "explore"}).mix_config(s)
+    assert explore.force_first_token is False
+    assert explore.trust_region_top_p is None
+    assert explore.stability_check is False
+    balanced = completion(mixing={"preset": "balanced"}).mix_config(settings(js_threshold=0.9))
+    assert balanced.js_threshold == 0.5  # the preset wins over the server default
+
+
+def test_explicit_fields_override_the_preset_and_null_means_off_or_auto() -> None:
+    s = settings(alpha=0.2)
+    config = completion(
+        mixing={"preset": "explore", "trust_region_top_p": 0.5, "alpha": None}
+    ).mix_config(s)
+    assert config.trust_region_top_p == 0.5
+    assert config.alpha is None  # explicit null: automatic α, not the server's 0.2
+    off = completion(mixing={"trust_region_top_p": None}).mix_config(s)
+    assert off.trust_region_top_p is None
+    # null on a boolean/threshold option means "the default"
+    kept = completion(mixing={"js_threshold": None}).mix_config(settings(js_threshold=0.3))
+    assert kept.js_threshold == 0.3
+
+
+def test_generation_params_mapping() -> None:
+    s = settings()
+    params = completion(
+        stop="\n",
+        seed=-1,
+        n=2,
+        temperature=0,
+        top_p=0.9,
+        top_k=-1,
+        logprobs=3,
+        stop_token_ids=[7],
+        ignore_eos=True,
+        include_stop_str_in_output=True,
+        max_tokens=None,
+        mixing={"top_k": 10},
+    ).generation_params(s)
+    assert params.stop == ("\n",)
+    assert params.seed == 2**64 - 1  # seeds are taken modulo 2**64
+    assert (params.n, params.logprobs, params.top_k_upstream, params.max_tokens) == (2, 3, 10, 16)
+    assert tuple(params.stop_token_ids) == (7,)
+    assert params.ignore_eos
+    assert params.include_stop_str_in_output
+    assert (params.mixing.temperature, params.mixing.top_p, params.mixing.top_k) == (0, 0.9, 0)
+
+
+def test_chat_params_prefer_max_completion_tokens_and_map_top_logprobs() -> None:
+    s = settings()
+    params = chat(max_tokens=5, max_completion_tokens=9, logprobs=True).generation_params(s)
+    assert (params.max_tokens, params.logprobs) == (9, 0)
+    params = chat(logprobs=True, top_logprobs=4).generation_params(s)
+    assert (params.max_tokens, params.logprobs) == (None, 4)
+    assert chat().generation_params(s).logprobs is None
+    request = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}]}])
+    assert [(m.role, m.content) for m in request.chat_messages()] == [("system", "a")]
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [[1], []]}, "prompt"),
+        ({"prompt": [-3]}, "prompt"),
+        ({"mixing": {"alpha": 1.5}}, "mixing.alpha"),
+        ({"mixing": {"preset": "wild"}}, "mixing.preset"),
+        ({"mixing": {"speculative": 4}}, "mixing.speculative"),
+        ({"mixing": {"alpah": 0.5}}, "mixing.alpah"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_pydantic_errors_name_the_parameter(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        completion(**body)
+    errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
+    message, named = validation_message(errors)
+    assert named == param
+    assert param.split(".")[-1].split("[")[0] in message
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": ["a", "b"], "base_prompt": "c"}, "base_prompt"),
+        ({"prompt": ["a", "b"], "n": 40}, "n"),
+    ],
+)
+def test_semantic_checks_name_the_parameter(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        completion(**body).check(settings(max_n=64))
+    assert info.value.param == param
+
+
+def test_neutral_values_of_unsupported_fields_pass() -> None:
+    completion(
+        echo=False,
+        best_of=1,
+        logit_bias={},
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        prompt=[[1, 2], [3]],
+        base_prompt=["a", "b"],
+    ).check(settings())
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"base_prompt": "x", "base_messages": [{"role": "user", "content": "y"}]}, "base_prompt"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_chat_semantic_checks(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        chat(**body).check(settings())
+    assert info.value.param == param
+
+
+def test_prompt_count() -> None:
+    assert protocol.prompt_count("a") == 1
+    assert protocol.prompt_count([1, 2, 3]) == 1
+    assert protocol.prompt_count(["a", "b"]) == 2
+    assert protocol.prompt_count([[1], [2], [3]]) == 3
+
+
+def test_validation_message_for_bad_json_and_missing_body() -> None:
+    assert validation_message([{"loc": ("body", 1), "type": "json_invalid", "msg": "x"}]) == (
+        "the request body is not valid JSON",
+        None,
+    )
+    assert validation_message([{"loc": ("body",), "type": "missing", "msg": "x"}])[1] is None
+    _message, param = validation_message(
+        [{"loc": ("body", "messages", 0, "content", "str"), "type": "string_type", "msg": "m"}]
+    )
+    assert param == "messages[0].content"
+
+
+# --- response builders ---------------------------------------------------------------------
+
+
+def test_ranked_logprobs_put_the_sampled_token_first_without_repeating_it() -> None:
+    ranked = protocol.ranked_logprobs(5, -2.0, {1: -0.1, 5: -2.0, 3: -1.0})
+    assert ranked == [(5, -2.0), (1, -0.1), (3, -1.0)]
+
+
+def test_colliding_token_texts_keep_every_entry() -> None:
+    # Two ids decoding to the same text (partial UTF-8 bytes) must not overwrite each other.
+    texts = {10: "\ufffd", 11: "\ufffd", 12: "a"}
+    top = protocol.completion_top_logprobs([(10, -0.5), (11, -1.0), (12, -math.inf)], texts, n=2)
+    assert top == {"\ufffd": -0.5, "token_id:11": -1.0, "a": protocol.LOGPROB_FLOOR}
+    assert protocol.completion_top_logprobs([(10, -0.5), (11, -1.0)], None, n=0) == {
+        "token_id:10": -0.5
+    }
+
+
+def test_completion_logprobs_shape() -> None:
+    result = protocol.completion_logprobs(
+        [1, 2], [-0.1, -0.2], [{1: -0.1, 3: -0.3}, None], [0, 1], {1: "a", 2: "b", 3: "c"}, 1
+    )
+    assert result.tokens == ["a", "b"]
+    assert result.token_logprobs == [-0.1, -0.2]
+    assert result.top_logprobs == [{"a": -0.1, "c": -0.3}, {"b": -0.2}]
+    assert result.text_offset == [0, 1]
+
+
+def test_chat_logprobs_list_top_n_and_bytes() -> None:
+    result = protocol.chat_logprobs([2], [-0.7], [{1: -0.1, 2: -0.7, 3: -2.0}], {1: "é"}, 2)
+    assert result.content is not None
+    entry = result.content[0]
+    assert entry.token == "token_id:2"  # no text known: vLLM's convention
+    assert [t.token for t in entry.top_logprobs] == ["é", "token_id:2"]
+    assert entry.top_logprobs[0].bytes == list("é".encode())
+
+
+def test_diagnostics_are_json_safe_and_summarised() -> None:
+    steps = [step(1, alpha=1.0, reason="first_token"), step(2, reason="unstable", alpha=1.0)]
+    steps.append(step(3, alpha=None, reason="single_token"))
+    diag = protocol.diagnostics(steps, summary=True)
+    assert diag.kl_gap == [None, None, None]  # NaN -> null
+    assert diag.chernoff == [None, None, None]  # inf -> null
+    assert diag.alpha == [1.0, 1.0, None]
+    assert diag.summary is not None
+    assert diag.summary.tokens == 3
+    assert diag.summary.alpha_mean == 1.0
+    assert diag.summary.fallback_rate == pytest.approx(1 / 3)
+    assert "summary" not in protocol.diagnostics(steps, summary=False).model_dump()
+
+
+def test_usage_counts_each_prompt_once() -> None:
+    usage = protocol.usage({0: 5, 1: 7}, 12)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (12, 12, 24)
