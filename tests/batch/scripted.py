@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ class ScriptedCoordinator(Coordinator):
 
     async def _scripted_events(
         self, dual: DualPrompt, params: GenerationParams
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         self.calls["stream"] += 1
         self._maybe_fail(dual)
         steps = fake_steps(int(params.seed or 0))
@@ -161,7 +161,7 @@ class ScriptedCoordinator(Coordinator):
 
     def stream(
         self, prompts: Sequence[DualPrompt], params: GenerationParams
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         (dual,) = prompts
         return self._scripted_events(dual, params)
 
