@@ -635,12 +635,13 @@ class Coordinator:
         try:
             while (event := await queue.get()) is not None:
                 yield event
-            if not runner.cancelled() and (exc := runner.exception()) is not None:
-                raise exc
+            runner.result()  # re-raise the request's failure (a typed error) here
         finally:
             if not runner.done():
                 runner.cancel()
                 await asyncio.wait([runner])
+            if not runner.cancelled():
+                runner.exception()  # retrieved: no "exception was never retrieved" log
 
     async def _run(self, plan: _Plan, emit: Callable[[Event], None]) -> None:
         n = plan.params.n

@@ -31,7 +31,15 @@ from app.errors import (
 )
 from app.sampling.types import MixConfig, StepResult
 from app.settings import Settings
-from tests.fakes import EOS_ID, FakeVLLM, apply_chat_template, decode, encode, scripted
+from tests.fakes import (
+    EOS_ID,
+    FakeVLLM,
+    apply_chat_template,
+    decode,
+    encode,
+    scripted,
+    serve_pair,
+)
 from tests.fakes.vllm import BASE_URL, TEACHER_URL, pair_transport
 
 PROMPT_TEXT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
@@ -708,3 +716,34 @@ async def test_not_started_coordinator_refuses(base: FakeVLLM, teacher: FakeVLLM
     assert await coord.ready() is False
     with pytest.raises(RuntimeError, match="not started"):
         await coord.generate([PROMPT], GenerationParams())
+
+
+async def test_stream_delivers_events_then_the_error(
+    coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
+) -> None:
+    base.eos_after = teacher.eos_after = None
+    seen: list[Event] = []
+    async with coordinator() as coord:
+        teacher.faults.status = 504
+        teacher.faults.status_after = teacher.completions_started + 4
+
+        async def consume() -> None:
+            async for event in coord.stream([PROMPT], GenerationParams(max_tokens=50)):
+                seen.append(event)
+
+        with pytest.raises(UpstreamError, match=r"upstream error \(504\)"):
+            await consume()
+    assert [type(e) for e in seen] == [TokenEvent] * 4
+
+
+async def test_over_real_http_with_the_served_fakes() -> None:
+    """tests.fakes.serve_pair: both fakes behind real uvicorn servers on free ports."""
+    with serve_pair() as (base_url, teacher_url, base, teacher):
+        script_both(base, teacher, "real")
+        coord = Coordinator(settings(base_url=[base_url], teacher_url=[teacher_url]))
+        async with coord:
+            [result] = await coord.generate([PROMPT], GenerationParams(max_tokens=9))
+            assert await coord.ready() is True
+    assert result.text == "real"
+    assert result.finish_reason == "stop"
+    assert teacher.completions_finished == 1 + len(result.token_ids)
