@@ -33,7 +33,7 @@ from app.localvllm.servers import (
     start_pair,
     stop_specs,
 )
-from app.localvllm.setup import Layout, setup
+from app.localvllm.setup import Layout, run_setup
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def real_vllm() -> Iterator[RealVLLM]:
         return
     out = io.StringIO()
     try:
-        setup(layout, out)
+        run_setup(layout, out)
         started = start_pair(layout, specs, out).started
     except LocalVLLMError as exc:
         pytest.fail(f"could not bring up the real vLLM pair: {exc}\n{out.getvalue()}")

@@ -27,7 +27,7 @@ from app.localvllm.servers import (
     status,
     stop_specs,
 )
-from app.localvllm.setup import Layout, setup
+from app.localvllm.setup import Layout, run_setup
 
 GATEWAY_HOST = "127.0.0.1"
 GATEWAY_PORT = 8000
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     layout = Layout.from_env()
     try:
         if args.local_command == "setup":
-            setup(layout, out)
+            run_setup(layout, out)
             return 0
         specs = default_specs(layout, args.base_port, args.teacher_port)
         if args.local_command == "status":
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if args.local_command == "stop":
             stop_specs(layout, specs, out)
             return 0
-        setup(layout, out)
+        run_setup(layout, out)
         started = start_pair(layout, specs, out).started
         if args.local_command == "start":
             out.write(_servers_ready(specs))

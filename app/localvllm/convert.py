@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
+AnyArray = npt.NDArray[Any]  # the permutations only move rows: any dtype
 
 # llama.cpp tensor names (gguf-py `gguf/tensor_mapping.py`, LLAMA) -> Hugging Face llama names.
 _GLOBAL_NAMES = {
@@ -75,7 +76,7 @@ def hf_name(gguf_name: str) -> str | None:
     raise ConversionError(f"unknown GGUF tensor {gguf_name!r} (not a llama model?)")
 
 
-def permute_qk(weight: FloatArray, n_head: int) -> FloatArray:
+def permute_qk(weight: AnyArray, n_head: int) -> AnyArray:
     """llama.cpp's conversion of a q/k projection (HF rotate-half layout -> interleaved pairs).
 
     Within each head, HF rotates dimension i with i + d/2; llama.cpp's RoPE rotates adjacent
@@ -91,7 +92,7 @@ def permute_qk(weight: FloatArray, n_head: int) -> FloatArray:
     )
 
 
-def unpermute_qk(weight: FloatArray, n_head: int) -> FloatArray:
+def unpermute_qk(weight: AnyArray, n_head: int) -> AnyArray:
     """Undo `permute_qk`: interleaved-pair rows back to the HF rotate-half order."""
     rows = weight.shape[0]
     _check_rows(rows, n_head)

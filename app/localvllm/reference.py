@@ -5,9 +5,10 @@ Used by the converter accuracy test. It reads the GGUF's tensors in llama.cpp's 
 (rotating adjacent pairs), so it shares neither the un-permutation nor the layer naming with
 `convert.py`, and no code with vLLM. Run by the vLLM venv's python (it has `gguf`)::
 
-    <venv>/bin/python reference.py --gguf MODEL.gguf --ids 504,3575,282 --top 5 [--layers 30]
+    <venv>/bin/python reference.py --gguf MODEL.gguf --ids 504,3575,282 --top 5 [--layers 30,28]
 
-prints JSON: {"top": [[id, logprob, token_text], ...]} (float64 math).
+prints JSON {"top": {"30": [[id, logprob, gguf_token_text], ...]}, "prompt_tokens": [...]}
+(float64 math; `--layers 30,28` computes both models from one load).
 
 `forward` is pure numpy so tests can run it on tiny synthetic weights.
 """
@@ -120,15 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--ids", required=True, help="comma-separated prompt token ids")
     parser.add_argument("--top", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=None, help="default: all")
+    parser.add_argument("--layers", default="", help="comma-separated layer counts; default: all")
     args = parser.parse_args(argv)
     ids = [int(part) for part in args.ids.split(",")]
-    weights, hyper, tokens = load_gguf(args.gguf, args.layers or 10**9)
-    n_layers = args.layers or sum(1 for k in weights if k.endswith(".attn_q.weight"))
-    logprobs = forward(weights, ids, hyper, n_layers)
-    order = np.argsort(-logprobs, kind="stable")[: args.top]
-    top = [[int(i), float(logprobs[i]), tokens[i]] for i in order]
-    sys.stdout.write(json.dumps({"top": top, "layers": n_layers}) + "\n")
+    layer_counts = [int(part) for part in args.layers.split(",") if part]
+    weights, hyper, tokens = load_gguf(args.gguf, max(layer_counts, default=10**9))
+    if not layer_counts:
+        layer_counts = [sum(1 for k in weights if k.endswith(".attn_q.weight"))]
+    top: dict[int, list[list[Any]]] = {}
+    for n_layers in layer_counts:
+        logprobs = forward(weights, ids, hyper, n_layers)
+        order = np.argsort(-logprobs, kind="stable")[: args.top]
+        top[n_layers] = [[int(i), float(logprobs[i]), tokens[i]] for i in order]
+    result = {"top": top, "prompt_tokens": [tokens[i] for i in ids]}
+    sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 

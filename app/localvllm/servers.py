@@ -17,9 +17,8 @@ import errno
 import os
 import signal
 import socket
-import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -195,7 +194,7 @@ def live_pid(layout: Layout, spec: ServerSpec) -> int | None:
 class Launch:
     spec: ServerSpec
     pid: int
-    process: subprocess.Popen[bytes] | None  # None: started by an earlier command
+    own: bool  # False: started by an earlier command, we only wait for it
 
 
 @dataclass(frozen=True)
@@ -204,35 +203,56 @@ class StartResult:
     reused: list[ServerSpec]  # already healthy before this call
 
 
-def launch(
-    layout: Layout, spec: ServerSpec, command: Sequence[str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start one server detached; `command` overrides the vLLM command (tests)."""
+CommandFactory = Callable[[Layout, ServerSpec], list[str]]
+
+
+def launch(layout: Layout, spec: ServerSpec, command: CommandFactory = server_command) -> int:
+    """Start one server detached and return its PID; `command` builds its argv (tests).
+
+    posix_spawn rather than Popen: the server outlives this process by design, and a Popen
+    dropped while its child runs warns (ResourceWarning). The new session makes the PID the
+    process group id, so stop() also reaches vLLM's engine-core child.
+    """
     if not spec.model_dir.is_dir():
         raise LocalVLLMError(f"{spec.model_dir} does not exist: run `dual-vllm local setup`")
     layout.run.mkdir(parents=True, exist_ok=True)
     log = spec.log_file(layout)
     if log.exists():
         os.replace(log, log.with_name(log.name + ".1"))
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            list(command) if command is not None else server_command(layout, spec),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=server_env(spec),
-            cwd=layout.run,
-            start_new_session=True,  # own process group: stop() kills vLLM's engine core too
+    argv = command(layout, spec)
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    cwd = os.getcwd()
+    try:
+        os.chdir(layout.run)  # vLLM may write files into its working directory
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            server_env(spec),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
         )
-    spec.pid_file(layout).write_text(f"{process.pid}\n")
-    return process
+    except OSError as exc:
+        raise LocalVLLMError(f"could not start {argv[0]}: {exc}") from exc
+    finally:
+        os.chdir(cwd)
+        os.close(log_fd)
+        os.close(null_fd)
+    spec.pid_file(layout).write_text(f"{pid}\n")
+    return pid
 
 
 def _exited(launch_: Launch) -> int | None:
-    """Exit code if the server process is gone (None while it runs)."""
-    if launch_.process is not None:
-        return launch_.process.poll()
-    return None if pid_alive(launch_.pid) else -1
+    """Exit code if the server process is gone (None while it runs; -1 if not our child)."""
+    try:
+        pid, wait_status = os.waitpid(launch_.pid, os.WNOHANG)
+    except ChildProcessError:
+        return None if pid_alive(launch_.pid) else -1
+    return None if pid == 0 else os.waitstatus_to_exitcode(wait_status)
 
 
 def died_message(layout: Layout, spec: ServerSpec, code: int | None) -> str:
@@ -284,7 +304,7 @@ def start_pair(
     out: TextIO,
     *,
     timeout: float = START_TIMEOUT_S,
-    command: Sequence[str] | None = None,
+    command: CommandFactory = server_command,
 ) -> StartResult:
     """Start (or reuse) every server in `specs`, wait for health, warm each one up."""
     reused: list[ServerSpec] = []
@@ -296,7 +316,7 @@ def start_pair(
             reused.append(spec)
         elif pid is not None:
             out.write(f"{spec.role}: PID {pid} is still starting; waiting for it\n")
-            launches.append(Launch(spec, pid, None))
+            launches.append(Launch(spec, pid, own=False))
         elif not port_is_free(spec.port):
             found = served_models(spec.url)
             what = f"it serves {found}" if found else "it is not a vLLM server"
@@ -306,12 +326,12 @@ def start_pair(
             )
     new = [spec for spec in specs if spec not in reused and all(x.spec != spec for x in launches)]
     for spec in new:
-        process = launch(layout, spec, command)
+        pid = launch(layout, spec, command)
         out.write(
             f"{spec.role}: started {spec.served_name} on {spec.url} "
-            f"(PID {process.pid}, core {spec.cpu}, log {spec.log_file(layout)})\n"
+            f"(PID {pid}, core {spec.cpu}, log {spec.log_file(layout)})\n"
         )
-        launches.append(Launch(spec, process.pid, process))
+        launches.append(Launch(spec, pid, own=True))
     if launches:
         out.write(f"waiting for /health (about a minute; at most {timeout:.0f} s)\n")
         started = time.monotonic()
@@ -354,19 +374,9 @@ def stop_specs(layout: Layout, specs: Sequence[ServerSpec], out: TextIO | None =
             stop_pid(pid)
             if out is not None:
                 out.write(f"{spec.role}: stopped PID {pid} (port {spec.port})\n")
-        elif pid is not None and pid_alive(pid) and _is_launch_of(pid, spec):
-            stop_pid(pid)
         elif out is not None:
             out.write(f"{spec.role}: not running (port {spec.port})\n")
         pid_file.unlink(missing_ok=True)
-
-
-def _is_launch_of(pid: int, spec: ServerSpec) -> bool:
-    """Our own process in its own session (a test's fake server command): safe to kill."""
-    try:
-        return os.getsid(pid) == pid and os.getpgid(pid) == pid
-    except OSError:
-        return False
 
 
 def status(layout: Layout, specs: Sequence[ServerSpec]) -> list[str]:

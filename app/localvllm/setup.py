@@ -258,7 +258,7 @@ def build_models(layout: Layout, targets: list[tuple[Path, int]], out: TextIO) -
         write_marker(final, model_fingerprint(layers))
 
 
-def setup(layout: Layout, out: TextIO) -> None:
+def run_setup(layout: Layout, out: TextIO) -> None:
     """Idempotent: builds what is missing or half-written, reuses the rest."""
     started = time.monotonic()
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,242 @@
+"""Start/stop of the server pair with stand-in servers: the bad cases and the idempotent start."""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.localvllm import LocalVLLMError
+from app.localvllm.servers import (
+    SERVER_MODULE,
+    ServerSpec,
+    default_specs,
+    is_our_server,
+    pid_alive,
+    read_pid,
+    server_command,
+    server_env,
+    start_pair,
+    status,
+    stop_specs,
+)
+from app.localvllm.setup import Layout
+
+# A stand-in for vLLM: /health, /v1/models and /v1/completions on the port in its argv. Its argv
+# carries SERVER_MODULE and the port like the real command, so the PID checks treat it as ours.
+FAKE_SERVER = textwrap.dedent(
+    """
+    import json, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    port, name = int(sys.argv[sys.argv.index("--port") + 1]), sys.argv[-1]
+    class H(BaseHTTPRequestHandler):
+        def _send(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        def do_GET(self):
+            self._send({"data": [{"id": name}]} if self.path == "/v1/models" else {})
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"choices": [{"text": "!"}]})
+        def log_message(self, *args):
+            pass
+    print("fake vLLM listening", flush=True)
+    HTTPServer(("127.0.0.1", port), H).serve_forever()
+    """
+)
+
+
+def fake_command(layout: Layout, spec: ServerSpec) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        FAKE_SERVER,
+        SERVER_MODULE,
+        "--port",
+        str(spec.port),
+        spec.served_name,
+    ]
+
+
+def dying_command(layout: Layout, spec: ServerSpec) -> list[str]:
+    script = "import sys; print('ValueError: No supported config format found'); sys.exit(3)"
+    return [sys.executable, "-c", script, SERVER_MODULE, "--port", str(spec.port)]
+
+
+def silent_command(layout: Layout, spec: ServerSpec) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "import time; time.sleep(60)",
+        SERVER_MODULE,
+        "--port",
+        str(spec.port),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    layout = Layout(tmp_path)
+    layout.teacher.mkdir(parents=True)
+    layout.base.mkdir(parents=True)
+    return layout
+
+
+@pytest.fixture
+def specs(layout: Layout) -> Iterator[list[ServerSpec]]:
+    specs = default_specs(layout, free_port(), free_port())
+    yield specs
+    stop_specs(layout, specs)  # never leave a stand-in running
+
+
+def test_command_and_environment_follow_real_vllm_md(layout: Layout) -> None:
+    base, teacher = default_specs(layout)
+    command = server_command(layout, teacher)
+    assert command[:3] == [str(layout.python), "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(command)
+    for flag in (
+        f"--model {layout.teacher}",
+        "--served-model-name smollm2-teacher",
+        "--host 127.0.0.1",
+        "--port 8102",
+        "--dtype float32",
+        "--max-model-len 2048",
+        "--max-logprobs 64",
+        "--enforce-eager",
+        "--enable-tokenizer-info-endpoint",
+        "--enable-prompt-tokens-details",
+        "--generation-config vllm",
+    ):
+        assert flag in joined
+    assert (base.port, base.served_name, base.model_dir) == (8101, "smollm2-base", layout.base)
+    env_base, env_teacher = server_env(base, {}), server_env(teacher, {})
+    assert env_base["HF_HUB_OFFLINE"] == "1"  # no hub: the models are local folders
+    assert env_base["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env_base["VLLM_NO_USAGE_STATS"] == "1"
+    assert env_base["DO_NOT_TRACK"] == "1"
+    assert (env_base["VLLM_CPU_OMP_THREADS_BIND"], env_teacher["VLLM_CPU_OMP_THREADS_BIND"]) == (
+        "0",
+        "1",
+    )
+
+
+def test_start_waits_warms_up_then_reuses_and_stop_kills_by_pid(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    out = io.StringIO()
+    result = start_pair(layout, specs, out, timeout=30, command=fake_command)
+    assert result.started == specs
+    assert result.reused == []
+    pids = [read_pid(spec.pid_file(layout)) for spec in specs]
+    assert all(
+        pid is not None and is_our_server(pid, spec) for pid, spec in zip(pids, specs, strict=True)
+    )
+    for spec in specs:
+        assert httpx.get(f"{spec.url}/v1/models").json()["data"][0]["id"] == spec.served_name
+        assert "fake vLLM listening" in spec.log_file(layout).read_text()
+    assert "healthy after" in out.getvalue()
+
+    again = start_pair(layout, specs, io.StringIO(), timeout=30, command=fake_command)
+    assert again.started == []
+    assert again.reused == specs
+    assert all("healthy" in line and "PID=" in line for line in status(layout, specs))
+
+    out = io.StringIO()
+    stop_specs(layout, specs, out)
+    assert [pid_alive(pid) for pid in pids if pid is not None] == [False, False]
+    assert not any(spec.pid_file(layout).exists() for spec in specs)
+    assert "stopped PID" in out.getvalue()
+    assert all("not answering" in line for line in status(layout, specs))
+
+
+def test_a_port_taken_by_something_else_is_named(layout: Layout, specs: list[ServerSpec]) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", specs[1].port))
+        squatter.listen()
+        with pytest.raises(LocalVLLMError) as info:
+            start_pair(layout, specs, io.StringIO(), timeout=30, command=fake_command)
+    message = str(info.value)
+    assert f"port {specs[1].port} (127.0.0.1) is already in use" in message
+    assert "not a vLLM server" in message
+    assert "'smollm2-teacher'" in message
+
+
+def test_a_port_serving_another_model_is_named(layout: Layout, specs: list[ServerSpec]) -> None:
+    teacher = specs[1]
+    impostor = ServerSpec("other", teacher.port, "some-other-model", layout.teacher, cpu=1)
+    start_pair(layout, [impostor], io.StringIO(), timeout=30, command=fake_command)
+    try:
+        with pytest.raises(
+            LocalVLLMError, match=r"it serves \['some-other-model'\], not 'smollm2-teacher'"
+        ):
+            start_pair(layout, specs, io.StringIO(), timeout=30, command=fake_command)
+    finally:
+        stop_specs(layout, [impostor])
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_log(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    started = []
+
+    def command(layout_: Layout, spec: ServerSpec) -> list[str]:
+        started.append(spec)
+        return (dying_command if spec.role == "teacher" else silent_command)(layout_, spec)
+
+    with pytest.raises(LocalVLLMError) as info:
+        start_pair(layout, specs, io.StringIO(), timeout=30, command=command)
+    message = str(info.value)
+    teacher = specs[1]
+    assert (
+        f"the teacher vLLM server (smollm2-teacher, port {teacher.port}) exited with code 3"
+        in message
+    )
+    assert str(teacher.log_file(layout)) in message
+    assert "ValueError: No supported config format found" in message
+    # The sibling that was still starting is stopped too: no half pair is left behind.
+    base_pid = read_pid(specs[0].pid_file(layout))
+    assert base_pid is None or not pid_alive(base_pid)
+    assert len(started) == 2
+
+
+def test_a_server_that_never_gets_healthy_times_out_naming_its_log(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    with pytest.raises(LocalVLLMError) as info:
+        start_pair(layout, specs[:1], io.StringIO(), timeout=1.5, command=silent_command)
+    assert "not healthy after 2 s" in str(info.value)
+    assert str(specs[0].log_file(layout)) in str(info.value)
+    assert not specs[0].pid_file(layout).exists()
+
+
+def test_missing_models_say_to_run_setup(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    specs = default_specs(layout, free_port(), free_port())
+    with pytest.raises(LocalVLLMError, match="run `dual-vllm local setup`"):
+        start_pair(layout, specs, io.StringIO(), timeout=5, command=fake_command)
+
+
+def test_logs_of_the_previous_start_are_kept(layout: Layout, specs: list[ServerSpec]) -> None:
+    spec = specs[0]
+    layout.run.mkdir(parents=True)
+    spec.log_file(layout).write_text("previous run\n")
+    start_pair(layout, [spec], io.StringIO(), timeout=30, command=fake_command)
+    assert spec.log_file(layout).with_name(spec.log_file(layout).name + ".1").read_text() == (
+        "previous run\n"
+    )
