@@ -221,7 +221,11 @@ def _tempered(
     missing = n - view.ids.shape[0]
     top = view.top
     if missing:
-        tail = 1.0 - float(np.exp(view.logprobs).sum())
+        # τ = 1 − M as −expm1(top + log1p(Σ_{others} e^(lp − top))): no cancellation when
+        # M ≈ 1 (1 − Σ e^lp would put an error of ulp(1)/τ into log fill, hence into d).
+        others = np.exp(view.logprobs - top)
+        others[view.top_index] = 0.0
+        tail = -math.expm1(top + math.log1p(float(others.sum())))
         fill = min(math.exp(view.low), tail / missing) if tail > 0.0 else 0.0
         log_fill = math.log(fill if fill > FILL_FLOOR else FILL_FLOOR)
         logs = np.full(n, log_fill)

@@ -51,6 +51,7 @@ class ModelView(NamedTuple):
     ids: npt.NDArray[np.int64]
     logprobs: npt.NDArray[np.float64]
     top: float  # max logprob
+    top_index: int  # where it is
     low: float  # min logprob
 
 
@@ -70,9 +71,10 @@ def read_topk(topk: TopK, name: str) -> ModelView:
     top = max(values)
     if top > POSITIVE_TOLERANCE:
         raise SamplingError(f"{name}: positive logprob {top!r}")
+    top_index = values.index(top)
     low = min(values)
     if low < CLAMP_LOGPROB:
         logprobs = np.maximum(logprobs, CLAMP_LOGPROB)
         low = CLAMP_LOGPROB
         top = max(top, CLAMP_LOGPROB)
-    return ModelView(ids.astype(np.int64, copy=False), logprobs, top, low)
+    return ModelView(ids.astype(np.int64, copy=False), logprobs, top, top_index, low)

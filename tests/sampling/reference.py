@@ -37,7 +37,11 @@ def distributions(
         missing = [y for y in support if y not in logs]
         if missing:
             probs = [math.exp(v) for v in logs.values()]
-            tail = max(1.0 - math.fsum(probs), 0.0)
+            # 1 − M without cancellation: M = e^top·(1 + Σ_{others} e^(lp − top))
+            values = sorted(logs.values())
+            top = values[-1]
+            log_mass = top + math.log1p(math.fsum(math.exp(v - top) for v in values[:-1]))
+            tail = max(-math.expm1(log_mass), 0.0)
             fill = max(min(min(probs), tail / len(missing)), 1e-10)
             for y in missing:
                 logs[y] = math.log(fill)
