@@ -108,6 +108,11 @@ Ctrl-C stops the gateway and the vLLM servers this command started.
 """
 
 
+def gateway_command() -> list[str]:
+    """The gateway in this same Python environment (tests replace it with a stand-in)."""
+    return [sys.executable, "-m", "app", "serve"]
+
+
 def run_gateway(
     layout: Layout,
     specs: list[ServerSpec],
@@ -124,7 +129,9 @@ def run_gateway(
         env["DUAL_VLLM_PORT"] = str(args.port)
     host = env.get("DUAL_VLLM_HOST", GATEWAY_HOST)
     port = env.get("DUAL_VLLM_PORT", str(GATEWAY_PORT))
-    gateway = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env)
+    # Its own process group: a terminal's Ctrl-C reaches only us, and we forward it once
+    # (a second SIGINT would make uvicorn skip its graceful shutdown).
+    gateway = subprocess.Popen(gateway_command(), env=env, process_group=0)
     out.write(how_to_call(f"http://{host}:{port}"))
     out.flush()
 
