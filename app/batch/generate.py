@@ -185,6 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--concurrency", type=_positive_int, default=8, help="samples in flight")
     gen.add_argument("--retries", type=int, default=3, help="retries of upstream failures")
     gen.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay (doubles)")
+    gen.add_argument(
+        "--max-consecutive-failures",
+        type=int,
+        default=32,
+        help="stop the job when this many samples in a row fail with upstream errors (0: never)",
+    )
 
     mix = parser.add_argument_group("mixing (API.md `mixing.*`; default: the server settings)")
     mix.add_argument("--preset", choices=sorted(PRESETS))
@@ -258,6 +264,7 @@ class Job:
     concurrency: int = 8
     retries: int = 3
     retry_backoff: float = 1.0
+    max_consecutive_failures: int = 32
     templates: Templates = field(default_factory=Templates)
     params: GenerationParams = field(default_factory=GenerationParams)
     preset: str | None = None
@@ -352,6 +359,7 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
         concurrency=args.concurrency,
         retries=max(0, args.retries),
         retry_backoff=max(0.0, args.retry_backoff),
+        max_consecutive_failures=max(0, args.max_consecutive_failures),
         templates=Templates(args.system_prompt, args.teacher_template, args.base_template),
         params=params,
         preset=args.preset,
@@ -581,6 +589,11 @@ def format_summary(totals: Totals, output: Path, compacted: int) -> str:
 CoordinatorFactory = Callable[[Settings], Coordinator]
 
 
+class JobAborted(RuntimeError):
+    """Too many samples in a row failed with upstream trouble: the upstreams look down, so
+    the job stops instead of marking the rest of the dataset as failed."""
+
+
 class _Runner:
     def __init__(
         self,
@@ -600,6 +613,8 @@ class _Runner:
         self.config_hash = job.config_hash()
         self._dual: dict[str, DualPrompt] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._remaining: Counter[str] = Counter()
+        self.consecutive_upstream_failures = 0
 
     async def dual_prompt(self, row: PromptRow, spec: PromptSpec) -> DualPrompt:
         """Tokenize once per prompt (a failure is not cached: the retry tokenizes again)."""
@@ -727,27 +742,46 @@ class _Runner:
             config_hash=self.config_hash,
         )
         self.store.append(record)
+        self._remaining[row.id] -= 1
+        if not self._remaining[row.id]:  # all its samples are done: free its prompt ids
+            self._dual.pop(row.id, None)
+            self._locks.pop(row.id, None)
         if output is not None:
             self.totals.add(output)
+            self.consecutive_upstream_failures = 0
         else:
             self.totals.failed += 1
             log.error("sample %s/%s failed after %s attempt(s): %s", row.id, index, attempts, error)
         self.bar.set_postfix(self.totals.postfix(), refresh=False)
         self.bar.update(1)
+        if error is not None and output is None and _retryable(error):
+            self.consecutive_upstream_failures += 1
+            limit = self.job.max_consecutive_failures
+            if limit and self.consecutive_upstream_failures >= limit:
+                raise JobAborted(
+                    f"stopped after {limit} consecutive samples failed with upstream errors "
+                    f"(last: {error}); the rest is untouched: fix the upstreams and rerun"
+                )
 
     async def run(self, pending: list[tuple[PromptRow, PromptSpec, int]]) -> None:
         queue: asyncio.Queue[tuple[PromptRow, PromptSpec, int]] = asyncio.Queue()
         for item in pending:
             queue.put_nowait(item)
+            self._remaining[item[0].id] += 1
 
         async def worker() -> None:
             while not queue.empty():
                 row, spec, index = queue.get_nowait()
                 await self.sample(row, spec, index)
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.job.concurrency, len(pending))):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.job.concurrency, len(pending))):
+                    group.create_task(worker())
+        except* JobAborted as aborted:
+            # The samples in flight are cancelled, not recorded: they stay pending for the
+            # next run, like samples after a kill.
+            raise aborted.exceptions[0] from None
 
 
 def _check_config(job: Job, store: ResultStore, keys: set[SampleKey]) -> None:
@@ -867,6 +901,9 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, StoreError) as exc:
         sys.stderr.write(f"dual-vllm generate: {exc}\n")
         return 2
+    except JobAborted as exc:
+        sys.stderr.write(f"dual-vllm generate: {exc}\n")
+        return 3
     except StartupError as exc:  # the coordinator's start-up checks
         sys.stderr.write(f"dual-vllm generate: {exc}\n")
         return 2

@@ -264,3 +264,28 @@ def test_progress_postfix() -> None:
     unstable = Counter(s.reason for s in steps)["unstable"]
     assert postfix["fallback"] == f"{unstable / len(steps):.1%}"
     assert json.dumps(totals.as_dict())
+
+
+async def test_upstreams_down_stop_the_job(dataset: Path, tmp_path: Path) -> None:
+    from app.batch.generate import JobAborted
+
+    out = tmp_path / "out.jsonl"
+    job, settings, _ = parse_job(
+        str(dataset), "-o", str(out), "--prompt-field", "problem", "-n", "2", "--quiet",
+        "--concurrency", "1", "--retries", "1", "--retry-backoff", "0",
+        "--max-consecutive-failures", "3",
+    )  # fmt: skip
+    down: dict[str, Any] = {
+        "Problem": (-1, lambda: UpstreamUnavailableError("connection refused", upstream="base"))
+    }
+    coord = ScriptedCoordinator(settings, failures=down)
+    with pytest.raises(JobAborted, match="3 consecutive samples failed"):
+        await _run(job, settings, coord)
+    records = list(iter_records(out))
+    assert [r["status"] for r in records] == ["failed"] * 3  # the other 7 are untouched
+    assert coord.calls["failures"] == 3 * 2
+    # Upstreams back: the rerun generates all ten, superseding the three failures.
+    totals, _, _ = await _run(job, settings)
+    assert (totals.ok, totals.failed, totals.skipped) == (10, 0, 0)
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 10
