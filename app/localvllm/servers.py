@@ -264,7 +264,7 @@ def died_message(layout: Layout, spec: ServerSpec, code: int | None) -> str:
     )
 
 
-def wait_ready(layout: Layout, launches: list[Launch], timeout: float, poll_s: float = 1.0) -> None:
+def wait_ready(layout: Layout, launches: list[Launch], timeout: float, poll_s: float = 0.5) -> None:
     """Until every server answers /health; a server that exits fails fast, naming its log."""
     deadline = time.monotonic() + timeout
     pending = list(launches)

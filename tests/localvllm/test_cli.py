@@ -24,7 +24,7 @@ from app.localvllm.servers import (
     stop_specs,
 )
 from app.localvllm.setup import Layout
-from tests.localvllm.test_servers import fake_command, free_port
+from tests.localvllm.fakes import fake_command, free_port
 
 
 @pytest.fixture
