@@ -128,7 +128,8 @@ def test_whole_setup_rebuilds_only_the_half_written_model(tmp_path: Path) -> Non
     _fake_venv(
         layout,
         'while [ $# -gt 0 ]; do if [ "$1" = --target ]; then d="${2%=*}"; mkdir -p "$d"; '
-        'echo "{\\"layers\\": ${2##*=}}" > "$d/config.json"; shift; fi; shift; done\n',
+        'echo "{\\"layers\\": ${2##*=}}" > "$d/config.json"; '
+        'echo "$HF_HUB_OFFLINE $TRANSFORMERS_OFFLINE" > "$d/offline"; shift; fi; shift; done\n',
     )
     out = io.StringIO()
     run_setup(layout, out)
@@ -136,6 +137,8 @@ def test_whole_setup_rebuilds_only_the_half_written_model(tmp_path: Path) -> Non
     assert (layout.teacher / "config.json").read_text().strip() == '{"layers": 30}'
     assert (layout.base / "config.json").read_text().strip() == '{"layers": 28}'
     assert read_marker(layout.base) == model_fingerprint(28)
+    # No model hub, ever: the converter runs with the hub switched off.
+    assert (layout.teacher / "offline").read_text().strip() == "1 1"
     assert not layout.base.with_name("base.partial").exists()
 
     (layout.base / MARKER).unlink()  # as if the last run died before finishing `base`
