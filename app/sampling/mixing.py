@@ -120,9 +120,11 @@ def mix(
 
     # §4: trust region on the teacher, before α.
     active: IntArray | None = None  # None: all of S
+    single = False
     rho = config.trust_region_top_p
     if rho is not None and rho < 1.0:
         nucleus = _nucleus(pt, pt, rho)
+        single = nucleus.shape[0] == 1
         if nucleus.shape[0] < n:
             active = np.sort(nucleus)
             lb = _renormalized(lb[active])
@@ -134,7 +136,7 @@ def mix(
     alpha: float | None
     reason: Reason
     point: Point
-    if active is not None and active.shape[0] == 1:
+    if single:
         alpha, reason = None, "single_token"
         point = evaluate(lb, moments, 1.0)
     else:

@@ -1,6 +1,6 @@
 """A slow, direct reading of ALGORITHM.md §1–5 to test app.sampling against.
 
-Written independently of the fast code: id-keyed dicts, scipy's logsumexp, a lexsort for the
+Written independently of the fast code: id-keyed dicts, a textbook logsumexp, a lexsort for the
 nucleus, KL(q‖p_b) − KL(q‖p_t) computed from its definition, and plain bisection for α.
 """
 
@@ -11,9 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.special import logsumexp
 
 FloatArray = npt.NDArray[np.float64]
+
+
+def logsumexp(x: FloatArray | list[float]) -> float:
+    a = np.asarray(x, dtype=np.float64)
+    top = float(a.max())
+    return top + math.log(float(np.sum(np.exp(a - top))))
 
 
 @dataclass
@@ -74,7 +79,7 @@ def distributions(
 
 def log_q(lb: FloatArray, lt: FloatArray, alpha: float) -> FloatArray:
     x = (1.0 - alpha) * lb + alpha * lt
-    return np.asarray(x - logsumexp(x), dtype=np.float64)
+    return x - logsumexp(x)
 
 
 def kl_difference(logq: FloatArray, lb: FloatArray, lt: FloatArray) -> float:
