@@ -346,9 +346,9 @@ def _listed_ids(completion: Completion, n: int) -> list[int]:
 
 
 def _tops(completion: Completion) -> list[dict[int, float] | None]:
-    if completion.top_logprobs is None:
-        return [None] * len(completion.token_ids)
-    return list(completion.top_logprobs)
+    """One top-N dict (or None) per token id, whatever the coordinator recorded."""
+    tops: list[dict[int, float] | None] = list(completion.top_logprobs or [])
+    return (tops + [None] * len(completion.token_ids))[: len(completion.token_ids)]
 
 
 def _completion_logprobs(
