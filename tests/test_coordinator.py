@@ -563,7 +563,7 @@ async def test_sequences_run_concurrently(
     coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
 ) -> None:
     base.eos_after = teacher.eos_after = None
-    teacher.faults.latency = base.faults.latency = 0.01
+    teacher.faults.latency = base.faults.latency = 0.05
     async with coordinator() as coord:
         await coord.generate([PROMPT, PROMPT], GenerationParams(max_tokens=3, n=4))
     assert teacher.max_in_flight == 8
