@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.sampling import MixConfig, TopK, make_generators, mix_step
+from app.sampling.solver import moments_matrix, solve
 
 FloatArray = npt.NDArray[np.float64]
 VOCAB = 49152
@@ -94,6 +95,53 @@ def baseline_step(
     return token, alpha, abs(g)
 
 
+def aligned(base: TopK, teacher: TopK) -> tuple[FloatArray, FloatArray]:
+    """§1 at T = 1, no trust region: normalized log p_b, log p_t over the union."""
+    support = np.union1d(base.ids, teacher.ids)
+    logs = []
+    for view in (base, teacher):
+        known = np.exp(view.logprobs)
+        missing = support.shape[0] - view.ids.shape[0]
+        fill = max(min(known.min(), max(1.0 - known.sum(), 0.0) / max(missing, 1)), 1e-10)
+        p = np.full(support.shape[0], fill)
+        p[np.searchsorted(support, view.ids)] = known
+        logs.append(np.log(p / p.sum()))
+    return logs[0], logs[1]
+
+
+def bisect20(lb: FloatArray, lt: FloatArray) -> float:
+    """The baseline's α: 20 bisection iterations on KL(q‖p_b) − KL(q‖p_t)."""
+    pb, pt = np.exp(lb), np.exp(lt)
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        q = pb ** (1.0 - mid) * pt**mid
+        q = q / q.sum()
+        if np.sum(q * np.log(q / pb)) - np.sum(q * np.log(q / pt)) < 0.0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def time_solvers(steps: list[tuple[TopK, TopK]], repeats: int) -> tuple[list[float], list[float]]:
+    """α alone on the same aligned inputs: safeguarded Newton/Halley (warm-started from the
+    previous step's α, moments matrix included) vs bisect20."""
+    inputs = [aligned(base, teacher) for base, teacher in steps]
+    clock = time.thread_time_ns
+    ours, theirs = [], []
+    for _ in range(repeats):
+        hint = None
+        for lb, lt in inputs:
+            start = clock()
+            hint = solve(lb, moments_matrix(lt - lb), hint).alpha
+            ours.append((clock() - start) / 1e3)
+            start = clock()
+            bisect20(lb, lt)
+            theirs.append((clock() - start) / 1e3)
+    return ours, theirs
+
+
 def time_ours(
     steps: list[tuple[TopK, TopK]], config: MixConfig, repeats: int
 ) -> tuple[list[float], list[float], dict[str, int]]:
@@ -159,6 +207,17 @@ def main() -> None:
                     "reasons": reasons,
                 }
             )
+    solver_rows = []
+    for k in (20, 100):
+        ours, theirs = time_solvers(make_steps(k, args.steps, seed=k), args.repeats)
+        solver_rows.append(
+            {
+                "k": k,
+                "ours_median_us": statistics.median(ours),
+                "bisect20_median_us": statistics.median(theirs),
+                "speedup": statistics.median(theirs) / statistics.median(ours),
+            }
+        )
     header = (
         f"{'K':>4} {'config':<13} {'ours µs':>9} {'bisect20 µs':>12} {'speedup':>8} "
         f"{'max |g| ours':>13} {'max |g| bisect20':>17} {'solved':>7}\n"
@@ -173,13 +232,20 @@ def main() -> None:
             f"{r['ours_max_abs_g']:>13.1e} {r['baseline_max_abs_g']:>17.1e} "
             f"{r['solved_fraction']:>7.0%}\n"
         )
+    out.write("\nα alone (same aligned inputs, no trust region)\n")
+    out.write(f"{'K':>4} {'ours µs':>9} {'bisect20 µs':>12} {'speedup':>8}\n")
+    for row in solver_rows:
+        out.write(
+            f"{row['k']:>4} {row['ours_median_us']:>9.1f} {row['bisect20_median_us']:>12.1f} "
+            f"{row['speedup']:>7.1f}x\n"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "cpu": platform.processor(),
     }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "solver": solver_rows}, indent=2))
     out.write(f"wrote {args.out}\n")
 
 

@@ -27,7 +27,7 @@ def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
     if mixture.greedy_token is not None:
         position = int(mixture.support.searchsorted(mixture.greedy_token))
     else:
-        cumulative = np.cumsum(q)
+        cumulative = np.add.accumulate(q)
         # side="right": the first id whose cumulative q exceeds u, so never an id with q = 0.
         position = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
         if position >= q.shape[0]:  # u·Σq rounded up to Σq

@@ -59,7 +59,9 @@ def read_topk(topk: TopK, name: str) -> ModelView:
     """Validate `topk` again (callers may build a `TopK` directly) with cheap builtins: this
     runs twice per generated token. Duplicate and negative ids are caught by the alignment."""
     ids = topk.ids
-    logprobs = np.asarray(topk.logprobs, dtype=np.float64)
+    logprobs = topk.logprobs
+    if logprobs.dtype != np.float64:
+        logprobs = logprobs.astype(np.float64)
     if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
         raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
     if ids.dtype.kind not in "iu":
@@ -77,4 +79,6 @@ def read_topk(topk: TopK, name: str) -> ModelView:
         logprobs = np.maximum(logprobs, CLAMP_LOGPROB)
         low = CLAMP_LOGPROB
         top = max(top, CLAMP_LOGPROB)
-    return ModelView(ids.astype(np.int64, copy=False), logprobs, top, top_index, low)
+    if ids.dtype != np.int64:
+        ids = ids.astype(np.int64)
+    return ModelView(ids, logprobs, top, top_index, low)
