@@ -1,10 +1,12 @@
 """Test doubles: a fake vLLM OpenAI server (ASGI) and helpers to serve it."""
 
 from tests.fakes.vllm import (
+    BASE_URL,
     EOS_ID,
     EOS_TOKEN,
     IM_END_ID,
     IM_START_ID,
+    TEACHER_URL,
     VOCAB_SIZE,
     FakeVLLM,
     Faults,
@@ -19,10 +21,12 @@ from tests.fakes.vllm import (
 )
 
 __all__ = [
+    "BASE_URL",
     "EOS_ID",
     "EOS_TOKEN",
     "IM_END_ID",
     "IM_START_ID",
+    "TEACHER_URL",
     "VOCAB_SIZE",
     "FakeVLLM",
     "Faults",
