@@ -122,21 +122,28 @@ def mix(
     overlap_mass = min(float(pb @ shared), float(pt @ shared))
     unstable = js > config.js_threshold or overlap_mass < config.overlap_threshold
 
-    # §4: trust region on the teacher, before α.
-    active: IntArray | None = None  # None: all of S
+    # §4: trust region on the teacher, before α. Ids outside the nucleus stay in the arrays
+    # with log p_b = -inf and d = 0 (so q = 0 there and nothing needs gathering/scattering).
+    d = lt - lb
     single = False
     rho = config.trust_region_top_p
     if rho is not None and rho < 1.0:
-        nucleus = _nucleus(pt, pt, rho)
-        single = nucleus.shape[0] == 1
-        if nucleus.shape[0] < n:
-            nucleus.sort()
-            active = nucleus
-            lb = _renormalized(lb[active])
-            lt = _renormalized(lt[active])
+        order = (-pt).argsort(kind="stable")  # stable: ties keep id order, lower id first
+        cumulative = _accumulate(pt[order])
+        count = int(cumulative.searchsorted(rho * cumulative[-1])) + 1  # crossing id included
+        single = count == 1
+        if count < n:
+            nucleus, outside = order[:count], order[count:]
+            log_mass_b = _log_mass(lb, pb, nucleus)
+            lb = lb - log_mass_b
+            lb[outside] = -np.inf
+            d += log_mass_b - math.log(float(cumulative[count - 1]))
+            d[outside] = 0.0
+            if single:  # exactly q = 1 on that id: logprob 0, kl_gap 0, chernoff 0
+                lb[nucleus] = 0.0
+                d[nucleus] = 0.0
 
     # §5: α (first rule that applies), then q_α.
-    d = lt - lb
     moments = moments_matrix(d)
     alpha: float | None
     reason: Reason
@@ -176,14 +183,7 @@ def mix(
         logq[keep] = kept_logq
     greedy_token = None
     if greedy:  # argmax returns the first maximum: the lowest id
-        top = int(np.argmax(point.x))
-        greedy_token = int(support[top if active is None else active[top]])
-    if active is not None:
-        q_active, logq_active = q, logq
-        q = np.zeros(n)
-        q[active] = q_active
-        logq = _filled(n, -np.inf)
-        logq[active] = logq_active
+        greedy_token = int(support[int(point.x.argmax())])
     filled_mass = 1.0 - float(q @ shared)  # q off the ids both models returned
     chernoff = -log_norm
     return Mixture(
@@ -257,13 +257,15 @@ def _filled(n: int, value: float) -> FloatArray:
     return out
 
 
-def _renormalized(logs: FloatArray) -> FloatArray:
-    """log-softmax of a subset of normalized log-probabilities (all ≤ 0: no overflow)."""
-    total = float(_sum(np.exp(logs)))
-    if total < _UNDERFLOW:  # e.g. the base puts (almost) no mass on the teacher's nucleus
-        top = float(logs.max())
-        return logs - (top + math.log(float(_sum(np.exp(logs - top)))))
-    return logs - math.log(total)
+def _log_mass(logs: FloatArray, probs: FloatArray, subset: IntArray) -> float:
+    """log Σ_subset p, from the probabilities unless they underflowed (e.g. the base puts
+    almost no mass on the teacher's nucleus), then by log-sum-exp of the logs."""
+    mass = float(_sum(probs[subset]))
+    if mass > _UNDERFLOW:
+        return math.log(mass)
+    part = logs[subset]
+    top = float(np.maximum.reduce(part))
+    return top + math.log(float(_sum(np.exp(part - top))))
 
 
 def _jensen_shannon(lb: FloatArray, pb: FloatArray, lt: FloatArray, pt: FloatArray) -> float:
@@ -271,9 +273,9 @@ def _jensen_shannon(lb: FloatArray, pb: FloatArray, lt: FloatArray, pt: FloatArr
     One log per id; 0·log 0 terms vanish because the logs are finite (s = 0 only when both
     underflow, where the 1e-300 keeps log finite and the term is 0)."""
     s = pb + pt
-    half = s * 0.5
-    half += 1e-300
-    js = 0.5 * (float(pb @ lb) + float(pt @ lt) - float(s @ np.log(half)))
+    s += 1e-300
+    # Σ s log(s/2) = Σ s log s − 2 ln 2 (Σ s = 2)
+    js = 0.5 * (float(pb @ lb) + float(pt @ lt) - float(s @ np.log(s))) + _LN2
     return min(max(js, 0.0), _LN2)  # rounding can step outside [0, ln 2]
 
 
