@@ -7,7 +7,7 @@ the HTTP layer, metrics and the batch writer read `StepResult` and nothing else 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -77,14 +77,13 @@ class StepResult:
     overlap_mass: float
     kl_gap: float
     chernoff: float
-    support_size: int
+    support_size: int  # |S|, the aligned support of §1 (before the trust region)
     filled_mass: float
     support: npt.NDArray[np.int64]
     logq: npt.NDArray[np.float64]
 
 
-@dataclass(frozen=True, slots=True)
-class Mixture:
+class Mixture(NamedTuple):
     """The deterministic part of one step (ALGORITHM.md §1–5): q and the diagnostics, no draw.
 
     Kept apart from the draw so speculative rounds (§8) can read q_i without sampling and
@@ -94,6 +93,9 @@ class Mixture:
     trust region and the request's top_p/top_k, renormalized; -inf for dropped ids).
     `q` is the same distribution as probabilities (0 for dropped ids), what the draw uses.
     `greedy_token` is set for T = 0 (argmax of q, ties lowest id): no random draw then.
+
+    A NamedTuple rather than a frozen dataclass: equally immutable, and built per generated
+    token, where a frozen dataclass's __init__ costs ~3 µs (5% of a step) on this CPU.
     """
 
     support: npt.NDArray[np.int64]
