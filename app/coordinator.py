@@ -222,6 +222,14 @@ async def both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T,
     return task_a.result(), task_b.result()
 
 
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel `task`, wait for it to end, and retrieve its outcome (no "never retrieved" log)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
+
+
 def _affinity(prompt: Sequence[int], sample_index: int) -> int:
     """A stable replica key per sequence: same prompt and sample index, same replica."""
     return zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes()) + sample_index
@@ -637,11 +645,7 @@ class Coordinator:
                 yield event
             runner.result()  # re-raise the request's failure (a typed error) here
         finally:
-            if not runner.done():
-                runner.cancel()
-                await asyncio.wait([runner])
-            if not runner.cancelled():
-                runner.exception()  # retrieved: no "exception was never retrieved" log
+            await _cancel(runner)
 
     async def _run(self, plan: _Plan, emit: Callable[[Event], None]) -> None:
         n = plan.params.n
@@ -707,10 +711,14 @@ class Coordinator:
         params = plan.params
         text_ids: list[int] = []  # generated ids that contribute text
         text = ""  # detokenized text_ids (kept up to date only when incremental)
-        async with asyncio.TaskGroup() as group:
-            next_step: asyncio.Task[list[StepResult]] | None = group.create_task(
-                self._step(plan, seq)
-            )
+        # The next step is prefetched while this token is detokenized, as a plain task rather
+        # than in a TaskGroup: its failure must surface only when it is awaited, after the
+        # token already sampled has been emitted (a sibling failing in a TaskGroup would cancel
+        # that emission, and the token would be lost from the stream).
+        next_step: asyncio.Task[list[StepResult]] | None = asyncio.create_task(
+            self._step(plan, seq)
+        )
+        try:
             while next_step is not None:
                 results = await next_step
                 next_step = None
@@ -737,7 +745,7 @@ class Coordinator:
                     if finish is None and last:
                         # Start the next step's probes now: detokenizing this token runs
                         # concurrently with them instead of before them.
-                        next_step = group.create_task(self._step(plan, seq))
+                        next_step = asyncio.create_task(self._step(plan, seq))
                     released = ""
                     if plan.incremental and adds_text:
                         text = await self.teacher.detokenize(text_ids, affinity=seq.affinity)
@@ -745,10 +753,7 @@ class Coordinator:
                         if hit is not None:
                             cut, stop = hit
                             text = text[:cut]
-                            finish, stop_reason = "stop", stop
-                            if next_step is not None:
-                                next_step.cancel()
-                                next_step = None
+                            finish, stop_reason = "stop", stop  # `finally` cancels next_step
                         if finish is None:
                             released = self._release(plan, seq, text)
                         else:
@@ -785,6 +790,9 @@ class Coordinator:
                         )
                         seq.released = len(text)
                         return
+        finally:
+            if next_step is not None:
+                await _cancel(next_step)
 
     @staticmethod
     def _find_stop(plan: _Plan, seq: _Sequence, text: str) -> tuple[int, str] | None:
