@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from app import coordinator as coord
 from app.errors import InvalidRequestError
+from app.presets import MIX_OPTIONS, PRESETS, Preset
 from app.sampling.types import MixConfig, StepResult
 from app.settings import Settings
 
@@ -46,49 +47,6 @@ class OpenAIBaseModel(BaseModel):
 
 
 # --- mixing (API.md "Requests") ------------------------------------------------------------
-
-Preset = Literal["balanced", "conservative", "explore"]
-
-# API.md: balanced = the recommended defaults; conservative leans on the teacher; explore turns
-# off first-token forcing, the trust region and the stability check. A preset sets these six
-# math options (never alpha); explicit `mixing` fields override it.
-PRESETS: dict[str, dict[str, Any]] = {
-    "balanced": {
-        "force_first_token": True,
-        "trust_region_top_p": 0.95,
-        "stability_check": True,
-        "js_threshold": 0.5,
-        "overlap_threshold": 0.1,
-        "auto_fallback": True,
-    },
-    "conservative": {
-        "force_first_token": True,
-        "trust_region_top_p": 0.90,
-        "stability_check": True,
-        "js_threshold": 0.4,
-        "overlap_threshold": 0.15,
-        "auto_fallback": True,
-    },
-    "explore": {
-        "force_first_token": False,
-        "trust_region_top_p": None,
-        "stability_check": False,
-        "js_threshold": 0.5,
-        "overlap_threshold": 0.1,
-        "auto_fallback": True,
-    },
-}
-
-# The MixConfig fields a request may set through `mixing` (ALGORITHM.md §3-5).
-_MIX_FIELDS = (
-    "alpha",
-    "force_first_token",
-    "trust_region_top_p",
-    "stability_check",
-    "js_threshold",
-    "overlap_threshold",
-    "auto_fallback",
-)
 
 
 class MixingOptions(OpenAIBaseModel):
@@ -113,7 +71,7 @@ class MixingOptions(OpenAIBaseModel):
     def overrides(self) -> dict[str, Any]:
         """The MixConfig fields this request sets: the preset's, then the explicit ones."""
         values: dict[str, Any] = dict(PRESETS[self.preset]) if self.preset else {}
-        for name in _MIX_FIELDS:
+        for name in MIX_OPTIONS:
             if name in self.model_fields_set:
                 value = getattr(self, name)
                 if value is None and name not in ("alpha", "trust_region_top_p"):

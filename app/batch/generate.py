@@ -55,6 +55,7 @@ from app.coordinator import (
     diagnostics_summary,
 )
 from app.errors import DualVLLMError, UpstreamError
+from app.presets import MIX_OPTIONS, PRESETS
 from app.sampling.types import MixConfig, SamplingError, StepResult
 from app.settings import Settings
 from app.upstream import StartupError
@@ -62,41 +63,6 @@ from app.upstream import StartupError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-
-# API.md `mixing.preset`: full values, so a preset means the same thing on every deployment;
-# explicit options override it.
-_BALANCED: dict[str, Any] = {
-    "force_first_token": True,
-    "trust_region_top_p": 0.95,
-    "stability_check": True,
-    "js_threshold": 0.5,
-    "overlap_threshold": 0.1,
-    "auto_fallback": True,
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "balanced": _BALANCED,
-    "conservative": {
-        **_BALANCED,
-        "trust_region_top_p": 0.90,
-        "js_threshold": 0.4,
-        "overlap_threshold": 0.15,
-    },
-    "explore": {
-        **_BALANCED,
-        "force_first_token": False,
-        "trust_region_top_p": None,
-        "stability_check": False,
-    },
-}
-_MIX_OPTIONS = (
-    "alpha",
-    "force_first_token",
-    "trust_region_top_p",
-    "stability_check",
-    "js_threshold",
-    "overlap_threshold",
-    "auto_fallback",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +243,7 @@ class Job:
         """The mixing options used, with API.md's names."""
         mixing = self.params.mixing
         record: dict[str, Any] = {"preset": self.preset}
-        record.update({name: getattr(mixing, name) for name in _MIX_OPTIONS})
+        record.update({name: getattr(mixing, name) for name in MIX_OPTIONS})
         record["top_k"] = self.params.top_k_upstream
         record["diagnostics"] = self.diagnostics
         return record
@@ -313,7 +279,7 @@ def resolve_mixing(
     values: dict[str, Any] = {}
     if preset is not None:
         values.update(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if k in _MIX_OPTIONS})
+    values.update({k: v for k, v in overrides.items() if k in MIX_OPTIONS})
     values.update(sampling)
     return replace(defaults, **values)
 
