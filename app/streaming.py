@@ -118,28 +118,38 @@ class StreamRenderer:
                     self.logprobs,
                 )
                 state.offset += len(protocol.token_string(event.token_id, texts))
-            return frame(
-                protocol.CompletionStreamResponse(
-                    id=self.request_id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[
-                        protocol.CompletionResponseChoice(
-                            index=event.index,
-                            text=event.text,
-                            logprobs=logprobs,
-                            finish_reason=None,
-                            **extra,
-                        )
-                    ],
-                )
-            )
+            return self._completion_chunk(event.index, event.text, logprobs, None, extra)
         chat_logprobs = None
         if self.logprobs is not None:
             chat_logprobs = protocol.chat_logprobs(
                 [event.token_id], [event.step.logprob], [event.top_logprobs], names, self.logprobs
             )
         return self._chat_chunk(event.index, event.text, chat_logprobs, None, extra)
+
+    def _completion_chunk(
+        self,
+        index: int,
+        text: str,
+        logprobs: protocol.CompletionLogProbs | None,
+        finish_reason: str | None,
+        extra: dict[str, Any],
+    ) -> bytes:
+        return frame(
+            protocol.CompletionStreamResponse(
+                id=self.request_id,
+                created=self.created,
+                model=self.model,
+                choices=[
+                    protocol.CompletionResponseChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=finish_reason,
+                        **extra,
+                    )
+                ],
+            )
+        )
 
     def _chat_chunk(
         self,
@@ -181,22 +191,7 @@ class StreamRenderer:
             summary.summary = protocol.summarize(state.steps)
             extra["diagnostics"] = summary
         if self.kind == "completions":
-            return frame(
-                protocol.CompletionStreamResponse(
-                    id=self.request_id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[
-                        protocol.CompletionResponseChoice(
-                            index=event.index,
-                            text=event.text,
-                            logprobs=None,
-                            finish_reason=event.finish_reason,
-                            **extra,
-                        )
-                    ],
-                )
-            )
+            return self._completion_chunk(event.index, event.text, None, event.finish_reason, extra)
         return self._chat_chunk(event.index, event.text, None, event.finish_reason, extra)
 
     def usage(self) -> bytes:
