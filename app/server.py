@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: two upstream calls per generated token would drown the
+    # gateway's own log. Its warnings still show; --log-level debug shows everything.
+    if args.log_level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides: dict[str, object] = {}
     if args.host is not None:
         overrides["host"] = args.host
