@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.sampling import MixConfig, TopK, make_generators, mix_step
-from app.sampling.solver import moments_matrix, solve
+from app.sampling.solver import solve, stacked
 
 FloatArray = npt.NDArray[np.float64]
 VOCAB = 49152
@@ -135,7 +135,7 @@ def time_solvers(steps: list[tuple[TopK, TopK]], repeats: int) -> tuple[list[flo
         hint = None
         for lb, lt in inputs:
             start = clock()
-            hint = solve(lb, moments_matrix(lt - lb), hint).alpha
+            hint = solve(stacked(lb, lt - lb), hint).alpha
             ours.append((clock() - start) / 1e3)
             start = clock()
             bisect20(lb, lt)

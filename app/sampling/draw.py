@@ -7,6 +7,8 @@ import numpy as np
 
 from app.sampling.types import Mixture, SamplingError, StepResult
 
+_accumulate = np.add.accumulate
+
 
 def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
     """`count` independent generators for the choices of one request (ALGORITHM.md §7):
@@ -23,29 +25,30 @@ def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
 def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
     """Draw the token from the mixture's q (inverse CDF over ids in increasing order, one
     `rng.random()` per step), or take `greedy_token` without touching `rng` (T = 0)."""
-    q = mixture.q
-    if mixture.greedy_token is not None:
-        position = int(mixture.support.searchsorted(mixture.greedy_token))
+    (support, logq, q, greedy_token, alpha, reason, js, overlap_count, overlap_mass, kl_gap,
+     chernoff, filled_mass) = mixture  # fmt: skip
+    if greedy_token is not None:
+        position = int(support.searchsorted(greedy_token))
     else:
-        cumulative = np.add.accumulate(q)
+        cumulative = _accumulate(q)
         # side="right": the first id whose cumulative q exceeds u, so never an id with q = 0.
         position = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
         if position >= q.shape[0]:  # u·Σq rounded up to Σq
             position = int(np.flatnonzero(q)[-1])
     return StepResult(
-        token_id=int(mixture.support[position]),
-        logprob=float(mixture.logq[position]),
-        alpha=mixture.alpha,
-        reason=mixture.reason,
-        js=mixture.js,
-        overlap_count=mixture.overlap_count,
-        overlap_mass=mixture.overlap_mass,
-        kl_gap=mixture.kl_gap,
-        chernoff=mixture.chernoff,
-        support_size=len(mixture.support),
-        filled_mass=mixture.filled_mass,
-        support=mixture.support,
-        logq=mixture.logq,
+        int(support[position]),
+        float(logq[position]),
+        alpha,
+        reason,
+        js,
+        overlap_count,
+        overlap_mass,
+        kl_gap,
+        chernoff,
+        support.shape[0],
+        filled_mass,
+        support,
+        logq,
     )
 
 

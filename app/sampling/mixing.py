@@ -19,11 +19,12 @@ import numpy as np
 import numpy.typing as npt
 
 from app.sampling.draw import sample
-from app.sampling.solver import Point, evaluate, moments_matrix, solve
-from app.sampling.topk import ModelView, read_topk
+from app.sampling.solver import Point, evaluate, evaluate_plain, fill_moments, solve
+from app.sampling.topk import CLAMP_LOGPROB, POSITIVE_TOLERANCE
 from app.sampling.types import MixConfig, Mixture, Reason, SamplingError, StepResult, TopK
 
 FILL_FLOOR = 1e-10  # §1: the smallest value a missing id gets
+_LOG_FILL_FLOOR = math.log(FILL_FLOOR)
 IDENTICAL_TOLERANCE = 1e-12  # §5.4
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it, sampling is greedy
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
@@ -33,6 +34,8 @@ _LN2 = math.log(2.0)
 _sum = np.add.reduce
 _accumulate = np.add.accumulate
 _UNDERFLOW = 1e-150
+# e^top above this: Σ e^lp / e^top is as exact as Σ e^(lp − top) (no subnormal ratios).
+_SUBNORMAL_SAFE = 1e-290
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -86,71 +89,121 @@ def mix(
       that T = 1 distribution (what OpenAI-style logprobs report for greedy decoding).
     """
     validate_config(config)
-    b = read_topk(base, "base")
-    t = read_topk(teacher, "teacher")
+    b_ids, b_logprobs = _checked(base, "base")
+    t_ids, t_logprobs = _checked(teacher, "teacher")
+    kb, kt = b_ids.shape[0], t_ids.shape[0]
+    m = kb + kt
+    # Both models travel as one array from here on (base first, then teacher): one numpy call
+    # per operation instead of two, since per-call overhead, not arithmetic, is the cost.
+    logprobs = np.concatenate((b_logprobs, t_logprobs))
+    values: list[float] = logprobs.tolist()
+    b_top, b_low, b_top_index = _extremes(values[:kb], "base")
+    t_top, t_low, t_top_index = _extremes(values[kb:], "teacher")
+    if b_low < CLAMP_LOGPROB or t_low < CLAMP_LOGPROB:
+        np.maximum(logprobs, CLAMP_LOGPROB, out=logprobs)
+        values = logprobs.tolist()
+        b_low, b_top = max(b_low, CLAMP_LOGPROB), max(b_top, CLAMP_LOGPROB)
+        t_low, t_top = max(t_low, CLAMP_LOGPROB), max(t_top, CLAMP_LOGPROB)
 
     # §1: one support S (sorted union of ids), fills for what each model did not return.
-    kb, kt = b.ids.shape[0], t.ids.shape[0]
-    merged = np.concatenate((b.ids, t.ids))
+    ids = np.concatenate((b_ids, t_ids))
+    merged = ids.copy()
     merged.sort()
     if merged[0] < 0:
         raise SamplingError("negative token id in top-K logprobs")
-    first = np.empty(kb + kt, dtype=bool)
+    first = np.empty(m, dtype=bool)
     first[0] = True
     np.not_equal(merged[1:], merged[:-1], out=first[1:])
     support = merged[first]
     n = support.shape[0]
-    pos_b = support.searchsorted(b.ids)
-    pos_t = support.searchsorted(t.ids)
-    shared = np.zeros(n)
-    shared[pos_b] = 1.0
-    known_t = np.zeros(n)
-    known_t[pos_t] = 1.0
-    shared *= known_t  # 1.0 on K_b ∩ K_t
+    # Positions in a 2×|S| layout, row 0 = base, row 1 = teacher (flat index).
+    flat = support.searchsorted(ids)
+    teacher_part = flat[kb:]
+    teacher_part += n
+    known = np.zeros(2 * n)
+    known[flat] = 1.0
+    shared = known[:n] * known[n:]  # 1.0 on K_b ∩ K_t
     overlap_count = int(_sum(shared))
-    if kb + kt - n != overlap_count:  # |K_b| + |K_t| − |S| counts duplicates too
+    if m - n != overlap_count:  # |K_b| + |K_t| − |S| counts duplicates too
         raise SamplingError("duplicate token id in top-K logprobs")
+    # One buffer for the whole step: rows log p_b, log p_t (then d = log p_t − log p_b), and
+    # the solver's 1, d², d³ (solver.py reads rows 0–1 as [log p_b; d], rows 1–4 as moments).
+    buffer = np.empty(5 * n)
+    b_fill = t_fill = -math.inf
+    if n > kb or n > kt:
+        exps: list[float] = np.exp(logprobs).tolist()
+        if n > kb:
+            b_fill = _log_fill(exps, 0, kb, values, b_top, b_top_index, b_low, n - kb)
+            buffer[:n] = b_fill
+        if n > kt:
+            t_fill = _log_fill(exps, kb, m, values, t_top, t_top_index, t_low, n - kt)
+            buffer[n : 2 * n] = t_fill
+    buffer[flat] = logprobs
+    stack = buffer.reshape(5, n)
+    logs = stack[:2]
+
     # §2: the temperature applies to both models (T = 0: everything at T = 1, then argmax).
+    # Per row: subtract the max (a known scalar, no reduction) and scale by 1/T, then exp and
+    # normalize.
     temperature = config.temperature
     greedy = temperature < GREEDY_TEMPERATURE
-    inverse_t = 1.0 if greedy else 1.0 / temperature
-    lb, pb = _tempered(b, pos_b, n, inverse_t)
-    lt, pt = _tempered(t, pos_t, n, inverse_t)
+    logs -= np.array(((max(b_top, b_fill),), (max(t_top, t_fill),)))
+    if not greedy and temperature != 1.0:
+        logs *= 1.0 / temperature
+    probs = np.exp(logs)
+    totals = _sum(probs, 1).reshape(2, 1)
+    probs /= totals
+    logs -= np.log(totals, out=totals)
+    lb = stack[0]  # log p_b over S
+    pb, pt = probs[0], probs[1]
 
     # §3: stability diagnostics on all of S.
-    js = _jensen_shannon(lb, pb, lt, pt)
-    overlap_mass = min(float(pb @ shared), float(pt @ shared))
+    # JS = ½[Σ p_b log p_b + Σ p_t log p_t − Σ s log(s/2)], s = p_b + p_t (Σ s = 2): one log
+    # per id; 0·log 0 terms vanish because the logs are finite (s = 0 only when both
+    # underflow, where the 1e-300 keeps log finite and the term is 0).
+    s = pb + pt
+    s += 1e-300
+    js = 0.5 * (float(np.vdot(probs, logs)) - float(s @ np.log(s))) + _LN2
+    js = min(max(js, 0.0), _LN2)  # rounding can step outside [0, ln 2]
+    b_overlap, t_overlap = (probs @ shared).tolist()
+    overlap_mass = min(b_overlap, t_overlap)
     unstable = js > config.js_threshold or overlap_mass < config.overlap_threshold
+
+    d = stack[1]
+    d -= lb  # d = log p_t − log p_b
 
     # §4: trust region on the teacher, before α. Ids outside the nucleus stay in the arrays
     # with log p_b = -inf and d = 0 (so q = 0 there and nothing needs gathering/scattering).
-    d = lt - lb
     single = False
     rho = config.trust_region_top_p
     if rho is not None and rho < 1.0:
         order = (-pt).argsort(kind="stable")  # stable: ties keep id order, lower id first
-        cumulative = _accumulate(pt[order])
-        count = int(cumulative.searchsorted(rho * cumulative[-1])) + 1  # crossing id included
+        # Cumulative p_b and p_t in the teacher's order, in one gather and one accumulate.
+        cumulative = _accumulate(probs.take(order, 1), 1)  # take: 7x cheaper than [:, order]
+        t_cumulative = cumulative[1]
+        count = int(t_cumulative.searchsorted(rho * t_cumulative[-1])) + 1  # crossing included
         single = count == 1
         if count < n:
             nucleus, outside = order[:count], order[count:]
-            log_mass_b = _log_mass(lb, pb, nucleus)
-            lb = lb - log_mass_b
+            mass_b = float(cumulative[0, count - 1])
+            # log Σ_N p_b; by log-sum-exp if p_b underflowed on the nucleus (the base puts
+            # almost no mass there).
+            log_mass_b = math.log(mass_b) if mass_b > _UNDERFLOW else _log_sum_exp(lb[nucleus])
+            lb -= log_mass_b
             lb[outside] = -np.inf
-            d += log_mass_b - math.log(float(cumulative[count - 1]))
+            d += log_mass_b - math.log(float(t_cumulative[count - 1]))
             d[outside] = 0.0
             if single:  # exactly q = 1 on that id: logprob 0, kl_gap 0, chernoff 0
                 lb[nucleus] = 0.0
                 d[nucleus] = 0.0
 
-    # §5: α (first rule that applies), then q_α.
-    moments = moments_matrix(d)
+    # §5: α (first rule that applies), then q_α. Only rules 4–5 need the moments rows.
     alpha: float | None
     reason: Reason
     point: Point
     if single:
         alpha, reason = None, "single_token"
-        point = evaluate(lb, moments, 1.0)
+        point = evaluate_plain(stack, 1.0)
     else:
         if config.force_first_token and first_token:
             alpha, reason = 1.0, "first_token"
@@ -158,47 +211,52 @@ def mix(
             alpha, reason = float(config.alpha), "fixed"
         elif config.stability_check and unstable and config.auto_fallback:
             alpha, reason = 1.0, "unstable"
-        elif float(np.maximum.reduce(moments[2])) < IDENTICAL_TOLERANCE**2:
-            alpha, reason = 0.5, "identical"
         else:
             alpha, reason = None, "solved"
-        if alpha is None:
-            point = solve(lb, moments, alpha_hint)
-            alpha = point.alpha
+        if alpha is not None:
+            point = evaluate_plain(stack, alpha)
         else:
-            point = evaluate(lb, moments, alpha)
+            fill_moments(stack)
+            if float(np.maximum.reduce(stack[3])) < IDENTICAL_TOLERANCE**2:
+                alpha, reason = 0.5, "identical"
+                point = evaluate(stack, 0.5)
+            else:
+                point = solve(stack, alpha_hint)
+                alpha = point.alpha
 
     # q_α, then the request's top_k / top_p on it.
+    x = point.x
+    greedy_token = None
+    if greedy:  # argmax returns the first maximum: the lowest id
+        greedy_token = int(support[int(x.argmax())])
     log_norm = point.shift + math.log(point.z)
     q = point.w / point.z
-    logq = point.x - log_norm
-    keep = _request_filter(point.x, q, config.top_k, config.top_p)
+    logq = x - log_norm
+    top_k, top_p = config.top_k, config.top_p
+    keep = _request_filter(x, q, top_k, top_p) if top_k > 0 or top_p < 1.0 else None
     if keep is not None:
         mass = float(_sum(q[keep]))
         kept_q = q[keep] / mass
         kept_logq = logq[keep] - math.log(mass)
-        q = np.zeros(q.shape[0])
+        q = np.zeros(n)
         q[keep] = kept_q
-        logq = _filled(q.shape[0], -np.inf)
+        logq = _filled(n, -np.inf)
         logq[keep] = kept_logq
-    greedy_token = None
-    if greedy:  # argmax returns the first maximum: the lowest id
-        greedy_token = int(support[int(point.x.argmax())])
     filled_mass = 1.0 - float(q @ shared)  # q off the ids both models returned
     chernoff = -log_norm
     return Mixture(
-        support=support,
-        logq=logq,
-        q=q,
-        greedy_token=greedy_token,
-        alpha=alpha,
-        reason=reason,
-        js=js,
-        overlap_count=overlap_count,
-        overlap_mass=min(overlap_mass, 1.0),
-        kl_gap=abs(point.g),
-        chernoff=chernoff if chernoff > 0.0 else 0.0,
-        filled_mass=min(max(filled_mass, 0.0), 1.0),
+        support,
+        logq,
+        q,
+        greedy_token,
+        alpha,
+        reason,
+        js,
+        overlap_count,
+        overlap_mass if overlap_mass < 1.0 else 1.0,
+        abs(point.g),
+        chernoff if chernoff > 0.0 else 0.0,
+        min(max(filled_mass, 0.0), 1.0),
     )
 
 
@@ -220,35 +278,65 @@ def mix_step(
     return sample(mix(base, teacher, config, first_token=first_token, alpha_hint=alpha_hint), rng)
 
 
-def _tempered(
-    view: ModelView, positions: IntArray, n: int, inverse_t: float
-) -> tuple[FloatArray, FloatArray]:
-    """§1 + §2 for one model: log p and p over S, normalized, missing ids filled with
-    max(min(min known P, tail / |missing|), 1e-10) before the temperature."""
-    missing = n - view.ids.shape[0]
-    top = view.top
-    if missing:
-        # τ = 1 − M as −expm1(top + log1p(Σ_{others} e^(lp − top))): no cancellation when
-        # M ≈ 1 (1 − Σ e^lp would put an error of ulp(1)/τ into log fill, hence into d).
-        others = np.exp(view.logprobs - top)
-        others[view.top_index] = 0.0
-        tail = -math.expm1(top + math.log1p(float(_sum(others))))
-        fill = min(math.exp(view.low), tail / missing) if tail > 0.0 else 0.0
-        log_fill = math.log(fill if fill > FILL_FLOOR else FILL_FLOOR)
-        logs = _filled(n, log_fill)
-        top = max(top, log_fill)
-    else:
-        logs = np.empty(n)
-    logs[positions] = view.logprobs
-    # Subtract the max (a known scalar: no reduction) before exp, then normalize.
-    logs -= top
-    if inverse_t != 1.0:
-        logs *= inverse_t
-    p = np.exp(logs)
-    total = float(_sum(p))  # ≥ 1: the max is exp(0)
-    p /= total
-    logs -= math.log(total)
-    return logs, p
+def _checked(topk: TopK, name: str) -> tuple[IntArray, FloatArray]:
+    """The arrays of `topk`, checked for shape and dtype (callers may build a `TopK` directly);
+    values are checked by `_extremes`, duplicate and negative ids by the alignment."""
+    ids = topk.ids
+    logprobs = topk.logprobs
+    if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
+        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
+    if ids.dtype != np.int64:
+        if ids.dtype.kind not in "iu":
+            raise SamplingError(f"{name}: token ids must be integers")
+        ids = ids.astype(np.int64)
+    if logprobs.dtype != np.float64:
+        logprobs = logprobs.astype(np.float64)
+    return ids, logprobs
+
+
+def _extremes(values: list[float], name: str) -> tuple[float, float, int]:
+    """(max, min, index of the max) of one model's logprobs, refusing NaN, +inf and positive
+    values beyond float32 rounding; builtins are cheaper than numpy on a few dozen floats."""
+    total = sum(values)  # NaN if any NaN, +inf if any +inf (NaN if +inf and -inf)
+    if total != total or total == math.inf:
+        raise SamplingError(f"{name}: NaN or +inf logprob")
+    top = max(values)
+    if top > POSITIVE_TOLERANCE:
+        raise SamplingError(f"{name}: positive logprob {top!r}")
+    return top, min(values), values.index(top)
+
+
+def _log_fill(
+    exps: list[float],
+    lo: int,
+    hi: int,
+    values: list[float],
+    top: float,
+    at: int,
+    low: float,
+    missing: int,
+) -> float:
+    """§1: log of the value every id one model did not return gets,
+    max(min(min known P, tail / |missing|), 1e-10), for the model at [lo, hi) of the lists
+    (`exps` = e^logprob, `values` = logprob, max `top` at lo + at, min `low`), `missing` ids.
+
+    τ = 1 − M as −expm1(top + log1p(Σ_{others} e^(lp − top))): no cancellation when M ≈ 1
+    (1 − Σ e^lp would put an error of ulp(1)/τ into log fill, hence into d)."""
+    at += lo
+    e_top = exps[at]
+    if e_top > _SUBNORMAL_SAFE:
+        others = (sum(exps[lo:at]) + sum(exps[at + 1 : hi])) / e_top
+    else:  # e^top (nearly) underflowed: the ratios straight from the logs
+        rest = values[lo:at] + values[at + 1 : hi]
+        others = sum([math.exp(v - top) for v in rest])
+    tail = -math.expm1(top + math.log1p(others))
+    share = tail / missing if tail > 0.0 else 0.0
+    smallest = math.exp(low)
+    if share < smallest:
+        return math.log(share if share > FILL_FLOOR else FILL_FLOOR)
+    # The fill is the smallest known value: its log exactly, so the tie with that id stays an
+    # exact tie (broken by id, §4) instead of depending on the rounding of log(exp(low)).
+    return low if smallest > FILL_FLOOR else _LOG_FILL_FLOOR
 
 
 def _filled(n: int, value: float) -> FloatArray:
@@ -257,26 +345,9 @@ def _filled(n: int, value: float) -> FloatArray:
     return out
 
 
-def _log_mass(logs: FloatArray, probs: FloatArray, subset: IntArray) -> float:
-    """log Σ_subset p, from the probabilities unless they underflowed (e.g. the base puts
-    almost no mass on the teacher's nucleus), then by log-sum-exp of the logs."""
-    mass = float(_sum(probs[subset]))
-    if mass > _UNDERFLOW:
-        return math.log(mass)
-    part = logs[subset]
-    top = float(np.maximum.reduce(part))
-    return top + math.log(float(_sum(np.exp(part - top))))
-
-
-def _jensen_shannon(lb: FloatArray, pb: FloatArray, lt: FloatArray, pt: FloatArray) -> float:
-    """½KL(p_b‖m) + ½KL(p_t‖m) = ½[Σ p_b log p_b + Σ p_t log p_t − Σ s log(s/2)], s = p_b + p_t.
-    One log per id; 0·log 0 terms vanish because the logs are finite (s = 0 only when both
-    underflow, where the 1e-300 keeps log finite and the term is 0)."""
-    s = pb + pt
-    s += 1e-300
-    # Σ s log(s/2) = Σ s log s − 2 ln 2 (Σ s = 2)
-    js = 0.5 * (float(pb @ lb) + float(pt @ lt) - float(s @ np.log(s))) + _LN2
-    return min(max(js, 0.0), _LN2)  # rounding can step outside [0, ln 2]
+def _log_sum_exp(logs: FloatArray) -> float:
+    top = float(np.maximum.reduce(logs))
+    return top + math.log(float(_sum(np.exp(logs - top))))
 
 
 def _nucleus(order_key: FloatArray, values: FloatArray, p: float) -> IntArray:

@@ -51,30 +51,41 @@ class Point(NamedTuple):
         return -(self.shift + math.log(self.z))
 
 
-def moments_matrix(d: FloatArray) -> FloatArray:
-    """Rows 1, d, d², d³ (so `m @ w` = Σw, Σwd, Σwd², Σwd³ in one call)."""
-    m = np.empty((4, d.shape[0]))
-    m[0] = 1.0
-    m[1] = d
-    np.multiply(d, d, out=m[2])
-    np.multiply(m[2], d, out=m[3])
-    return m
+def stacked(lb: FloatArray, d: FloatArray) -> FloatArray:
+    """The solver's input, a 5×n array with rows log p_b, d, 1, d², d³ (see `evaluate`)."""
+    stack = np.empty((5, d.shape[0]))
+    stack[0] = lb
+    stack[1] = d
+    fill_moments(stack)
+    return stack
 
 
-def evaluate(lb: FloatArray, moments: FloatArray, alpha: float) -> Point:
-    """q_α, g(α) and g′(α). `lb` = log p_b and `moments` = moments_matrix(d), over one support
-    where log p_b, log p_t are normalized: then x ≤ 0, so exp(x) never overflows and the max
-    needs subtracting only when everything underflows."""
-    d = moments[1]
-    x = d * alpha
-    x += lb
+def fill_moments(stack: FloatArray) -> None:
+    """Rows 2–4 of `stack` (1, d², d³) from row 1 (d), so `stack[1:] @ w` = Σwd, Σw, Σwd²,
+    Σwd³ in one call."""
+    stack[2] = 1.0
+    np.multiply(stack[1], stack[1], out=stack[3])
+    np.multiply(stack[3], stack[1], out=stack[4])
+
+
+def evaluate(stack: FloatArray, alpha: float) -> Point:
+    """q_α, g(α), g′(α) and g″(α). `stack` = rows log p_b, d, 1, d², d³ (`stacked`) over one
+    support where log p_b, log p_t are normalized: then x ≤ 0, so exp(x) never overflows and
+    the max needs subtracting only when everything underflows."""
+    return _evaluate(stack[:2], stack[1:], np.array((1.0, alpha)))
+
+
+def _evaluate(logs: FloatArray, moments: FloatArray, coefficients: FloatArray) -> Point:
+    """`evaluate` at α = coefficients[1], from the views the solver slices once."""
+    alpha = float(coefficients[1])
+    x = coefficients @ logs  # log p_b + α·d in one call
     w = np.exp(x)
-    z, s1, s2, s3 = (moments @ w).tolist()
+    s1, z, s2, s3 = (moments @ w).tolist()
     shift = 0.0
     if z < _UNDERFLOW:
-        shift = float(x.max())
+        shift = float(np.maximum.reduce(x))
         w = np.exp(x - shift)
-        z, s1, s2, s3 = (moments @ w).tolist()
+        s1, z, s2, s3 = (moments @ w).tolist()
     g = s1 / z
     second = s2 / z
     var = second - g * g
@@ -82,7 +93,22 @@ def evaluate(lb: FloatArray, moments: FloatArray, alpha: float) -> Point:
     return Point(alpha, g, var if var > 0.0 else 0.0, skew, x, shift, w, z)
 
 
-def solve(lb: FloatArray, moments: FloatArray, alpha_hint: float | None) -> Point:
+def evaluate_plain(stack: FloatArray, alpha: float) -> Point:
+    """q_α and g(α) at an imposed α from rows 0–1 of `stack` (log p_b, d) only: the α rules
+    that do not solve need neither g′ nor g″ (`var` and `skew` are reported as 0)."""
+    stack[2] = 1.0
+    x = np.array((1.0, alpha)) @ stack[:2]
+    w = np.exp(x)
+    s1, z = (stack[1:3] @ w).tolist()
+    shift = 0.0
+    if z < _UNDERFLOW:
+        shift = float(np.maximum.reduce(x))
+        w = np.exp(x - shift)
+        s1, z = (stack[1:3] @ w).tolist()
+    return Point(alpha, s1 / z, 0.0, 0.0, x, shift, w, z)
+
+
+def solve(stack: FloatArray, alpha_hint: float | None) -> Point:
     """The root of g on [0, 1] by safeguarded Newton/Halley (a bracket is kept; a step that
     leaves it or does not halve the step before last is replaced by bisection, as in Numerical
     Recipes' rtsafe), warm-started from `alpha_hint` (the previous step's α of this sequence).
@@ -96,7 +122,9 @@ def solve(lb: FloatArray, moments: FloatArray, alpha_hint: float | None) -> Poin
     if alpha_hint is not None and 0.0 < alpha_hint < 1.0:
         alpha = alpha_hint
     step = step_before = 1.0
-    point = best = evaluate(lb, moments, alpha)
+    logs, moments = stack[:2], stack[1:]
+    coefficients = np.array((1.0, alpha))
+    point = best = _evaluate(logs, moments, coefficients)
     for _ in range(MAX_EVALUATIONS):
         g = point.g
         if abs(g) < abs(best.g):
@@ -124,5 +152,6 @@ def solve(lb: FloatArray, moments: FloatArray, alpha_hint: float | None) -> Poin
         if not lo < candidate < hi or candidate == alpha:
             break  # the bracket holds no other float
         alpha = candidate
-        point = evaluate(lb, moments, alpha)
+        coefficients[1] = alpha
+        point = _evaluate(logs, moments, coefficients)
     return point if abs(point.g) < abs(best.g) else best

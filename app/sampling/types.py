@@ -59,13 +59,15 @@ class MixConfig:
     top_k: int = 0  # 0 or -1: off (vLLM's convention)
 
 
-@dataclass(frozen=True, slots=True)
-class StepResult:
+class StepResult(NamedTuple):
     """Outputs of one step (ALGORITHM.md §6).
 
     `support` and `logq` are the final sampling distribution over the support (after the
     trust region and the request's top_p/top_k; log q, -inf outside what survived), so
     callers can report top-N logprobs of q without redoing the math.
+
+    An immutable NamedTuple (like `Mixture`), built once per generated token: a frozen
+    dataclass's __init__ costs ~1.5–3 µs on this CPU, this ~0.3 µs. Read it by field name.
     """
 
     token_id: int
