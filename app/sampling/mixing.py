@@ -34,11 +34,15 @@ _LN2 = math.log(2.0)
 _sum = np.add.reduce
 _accumulate = np.add.accumulate
 _UNDERFLOW = 1e-150
+# exp(−700)/|S| is far from underflow: a row whose logs span less than this has every p > 0.
+_NO_UNDERFLOW_SPAN = 700.0
 # e^top above this: Σ e^lp / e^top is as exact as Σ e^(lp − top) (no subnormal ratios).
 _SUBNORMAL_SAFE = 1e-290
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+_INT64 = np.dtype(np.int64)  # dtype objects are singletons: `is` beats `!= np.int64`
+_FLOAT64 = np.dtype(np.float64)
 
 
 def validate_config(config: MixConfig) -> None:
@@ -109,7 +113,7 @@ def mix(
     ids = np.concatenate((b_ids, t_ids))
     merged = ids.copy()
     merged.sort()
-    if merged[0] < 0:
+    if merged.item(0) < 0:
         raise SamplingError("negative token id in top-K logprobs")
     first = np.empty(m, dtype=bool)
     first[0] = True
@@ -123,7 +127,7 @@ def mix(
     known = np.zeros(2 * n)
     known[flat] = 1.0
     shared = known[:n] * known[n:]  # 1.0 on K_b ∩ K_t
-    overlap_count = int(_sum(shared))
+    overlap_count = int(shared.dot(shared))  # ndarray.dot: half the overhead of @ or sum
     if m - n != overlap_count:  # |K_b| + |K_t| − |S| counts duplicates too
         raise SamplingError("duplicate token id in top-K logprobs")
     # One buffer for the whole step: rows log p_b, log p_t (then d = log p_t − log p_b), and
@@ -141,17 +145,21 @@ def mix(
     buffer[flat] = logprobs
     stack = buffer.reshape(5, n)
     logs = stack[:2]
+    ones = stack[2]
+    ones.fill(1.0)
 
     # §2: the temperature applies to both models (T = 0: everything at T = 1, then argmax).
     # Per row: subtract the max (a known scalar, no reduction) and scale by 1/T, then exp and
     # normalize.
     temperature = config.temperature
     greedy = temperature < GREEDY_TEMPERATURE
-    logs -= np.array(((max(b_top, b_fill),), (max(t_top, t_fill),)))
-    if not greedy and temperature != 1.0:
-        logs *= 1.0 / temperature
+    inverse_t = 1.0 if greedy else 1.0 / temperature
+    b_shift, t_shift = max(b_top, b_fill), max(t_top, t_fill)
+    logs -= np.array(((b_shift,), (t_shift,)))
+    if inverse_t != 1.0:
+        logs *= inverse_t
     probs = np.exp(logs)
-    totals = _sum(probs, 1).reshape(2, 1)
+    totals = probs.dot(ones).reshape(2, 1)
     probs /= totals
     logs -= np.log(totals, out=totals)
     lb = stack[0]  # log p_b over S
@@ -160,12 +168,16 @@ def mix(
     # §3: stability diagnostics on all of S.
     # JS = ½[Σ p_b log p_b + Σ p_t log p_t − Σ s log(s/2)], s = p_b + p_t (Σ s = 2): one log
     # per id; 0·log 0 terms vanish because the logs are finite (s = 0 only when both
-    # underflow, where the 1e-300 keeps log finite and the term is 0).
+    # underflow, where the 1e-300 keeps log finite and the term is 0; it is added only when a
+    # row's logs span more than 700, the only case where a p can underflow to 0).
     s = pb + pt
-    s += 1e-300
-    js = 0.5 * (float(np.vdot(probs, logs)) - float(s @ np.log(s))) + _LN2
+    b_span = (b_shift - (b_low if b_fill == -math.inf else min(b_low, b_fill))) * inverse_t
+    t_span = (t_shift - (t_low if t_fill == -math.inf else min(t_low, t_fill))) * inverse_t
+    if b_span > _NO_UNDERFLOW_SPAN and t_span > _NO_UNDERFLOW_SPAN:
+        s += 1e-300
+    js = 0.5 * (float(np.vdot(probs, logs)) - float(s.dot(np.log(s)))) + _LN2
     js = min(max(js, 0.0), _LN2)  # rounding can step outside [0, ln 2]
-    b_overlap, t_overlap = (probs @ shared).tolist()
+    b_overlap, t_overlap = probs.dot(shared).tolist()
     overlap_mass = min(b_overlap, t_overlap)
     unstable = js > config.js_threshold or overlap_mass < config.overlap_threshold
 
@@ -217,11 +229,12 @@ def mix(
             point = evaluate_plain(stack, alpha)
         else:
             fill_moments(stack)
-            if float(np.maximum.reduce(stack[3])) < IDENTICAL_TOLERANCE**2:
+            solved = solve(stack, alpha_hint, IDENTICAL_TOLERANCE)  # None: rule 4 applies
+            if solved is None:
                 alpha, reason = 0.5, "identical"
                 point = evaluate(stack, 0.5)
             else:
-                point = solve(stack, alpha_hint)
+                point = solved
                 alpha = point.alpha
 
     # q_α, then the request's top_k / top_p on it.
@@ -242,7 +255,7 @@ def mix(
         q[keep] = kept_q
         logq = _filled(n, -np.inf)
         logq[keep] = kept_logq
-    filled_mass = 1.0 - float(q @ shared)  # q off the ids both models returned
+    filled_mass = 1.0 - float(q.dot(shared))  # q off the ids both models returned
     chernoff = -log_norm
     return Mixture(
         support,
@@ -285,11 +298,11 @@ def _checked(topk: TopK, name: str) -> tuple[IntArray, FloatArray]:
     logprobs = topk.logprobs
     if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
         raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
-    if ids.dtype != np.int64:
+    if ids.dtype is not _INT64:
         if ids.dtype.kind not in "iu":
             raise SamplingError(f"{name}: token ids must be integers")
         ids = ids.astype(np.int64)
-    if logprobs.dtype != np.float64:
+    if logprobs.dtype is not _FLOAT64:
         logprobs = logprobs.astype(np.float64)
     return ids, logprobs
 

@@ -56,14 +56,14 @@ def stacked(lb: FloatArray, d: FloatArray) -> FloatArray:
     stack = np.empty((5, d.shape[0]))
     stack[0] = lb
     stack[1] = d
+    stack[2] = 1.0
     fill_moments(stack)
     return stack
 
 
 def fill_moments(stack: FloatArray) -> None:
-    """Rows 2–4 of `stack` (1, d², d³) from row 1 (d), so `stack[1:] @ w` = Σwd, Σw, Σwd²,
-    Σwd³ in one call."""
-    stack[2] = 1.0
+    """Rows 3–4 of `stack` (d², d³) from row 1 (d), so that with row 2 = 1, `stack[1:] @ w` =
+    Σwd, Σw, Σwd², Σwd³ in one call. Row 2 is the caller's (see `stacked`)."""
     np.multiply(stack[1], stack[1], out=stack[3])
     np.multiply(stack[3], stack[1], out=stack[4])
 
@@ -78,14 +78,14 @@ def evaluate(stack: FloatArray, alpha: float) -> Point:
 def _evaluate(logs: FloatArray, moments: FloatArray, coefficients: FloatArray) -> Point:
     """`evaluate` at α = coefficients[1], from the views the solver slices once."""
     alpha = float(coefficients[1])
-    x = coefficients @ logs  # log p_b + α·d in one call
+    x = coefficients.dot(logs)  # log p_b + α·d in one call
     w = np.exp(x)
-    s1, z, s2, s3 = (moments @ w).tolist()
+    s1, z, s2, s3 = moments.dot(w).tolist()
     shift = 0.0
     if z < _UNDERFLOW:
         shift = float(np.maximum.reduce(x))
         w = np.exp(x - shift)
-        s1, z, s2, s3 = (moments @ w).tolist()
+        s1, z, s2, s3 = moments.dot(w).tolist()
     g = s1 / z
     second = s2 / z
     var = second - g * g
@@ -94,21 +94,20 @@ def _evaluate(logs: FloatArray, moments: FloatArray, coefficients: FloatArray) -
 
 
 def evaluate_plain(stack: FloatArray, alpha: float) -> Point:
-    """q_α and g(α) at an imposed α from rows 0–1 of `stack` (log p_b, d) only: the α rules
+    """q_α and g(α) at an imposed α from rows 0–2 of `stack` (log p_b, d, 1) only: the α rules
     that do not solve need neither g′ nor g″ (`var` and `skew` are reported as 0)."""
-    stack[2] = 1.0
-    x = np.array((1.0, alpha)) @ stack[:2]
+    x = np.array((1.0, alpha)).dot(stack[:2])
     w = np.exp(x)
-    s1, z = (stack[1:3] @ w).tolist()
+    s1, z = stack[1:3].dot(w).tolist()
     shift = 0.0
     if z < _UNDERFLOW:
         shift = float(np.maximum.reduce(x))
         w = np.exp(x - shift)
-        s1, z = (stack[1:3] @ w).tolist()
+        s1, z = stack[1:3].dot(w).tolist()
     return Point(alpha, s1 / z, 0.0, 0.0, x, shift, w, z)
 
 
-def solve(stack: FloatArray, alpha_hint: float | None) -> Point:
+def solve(stack: FloatArray, alpha_hint: float | None, zero_below: float = 0.0) -> Point | None:
     """The root of g on [0, 1] by safeguarded Newton/Halley (a bracket is kept; a step that
     leaves it or does not halve the step before last is replaced by bisection, as in Numerical
     Recipes' rtsafe), warm-started from `alpha_hint` (the previous step's α of this sequence).
@@ -116,6 +115,10 @@ def solve(stack: FloatArray, alpha_hint: float | None) -> Point:
     Stops when |g| ≤ G_TOLERANCE or when the bracket holds no other float; the latter happens
     only when Var_q[d] is huge (e.g. temperatures near 1e-5, where one ulp of α moves g by
     more than 1e-9), and then the point with the smallest |g| seen is returned.
+
+    Returns None, without solving, when max |d| < `zero_below` (§5 rule 4, "identical"). That
+    max is looked at only if the first point has E_q[d²] < 2·zero_below², since
+    E_q[d²] ≤ max d² (it is one numpy call per step saved).
     """
     lo, hi = 0.0, 1.0
     alpha = 0.5
@@ -125,6 +128,9 @@ def solve(stack: FloatArray, alpha_hint: float | None) -> Point:
     logs, moments = stack[:2], stack[1:]
     coefficients = np.array((1.0, alpha))
     point = best = _evaluate(logs, moments, coefficients)
+    limit = zero_below * zero_below
+    if point.var + point.g * point.g < 2.0 * limit and float(np.maximum.reduce(stack[3])) < limit:
+        return None
     for _ in range(MAX_EVALUATIONS):
         g = point.g
         if abs(g) < abs(best.g):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from app.sampling.types import SamplingError, TopK
 
@@ -43,42 +41,3 @@ def topk_from_mapping(mapping: Mapping[int, float]) -> TopK:
         ids.append(int(key))
         values.append(max(lp, CLAMP_LOGPROB))
     return TopK(ids=np.array(ids, dtype=np.int64), logprobs=np.array(values, dtype=np.float64))
-
-
-class ModelView(NamedTuple):
-    """One model's validated top-K, with the extremes the alignment needs."""
-
-    ids: npt.NDArray[np.int64]
-    logprobs: npt.NDArray[np.float64]
-    top: float  # max logprob
-    top_index: int  # where it is
-    low: float  # min logprob
-
-
-def read_topk(topk: TopK, name: str) -> ModelView:
-    """Validate `topk` again (callers may build a `TopK` directly) with cheap builtins: this
-    runs twice per generated token. Duplicate and negative ids are caught by the alignment."""
-    ids = topk.ids
-    logprobs = topk.logprobs
-    if logprobs.dtype != np.float64:
-        logprobs = logprobs.astype(np.float64)
-    if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
-        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
-    if ids.dtype.kind not in "iu":
-        raise SamplingError(f"{name}: token ids must be integers")
-    values: list[float] = logprobs.tolist()
-    total = sum(values)  # NaN if any NaN, +inf if any +inf (NaN if +inf and -inf)
-    if total != total or total == math.inf:
-        raise SamplingError(f"{name}: NaN or +inf logprob")
-    top = max(values)
-    if top > POSITIVE_TOLERANCE:
-        raise SamplingError(f"{name}: positive logprob {top!r}")
-    top_index = values.index(top)
-    low = min(values)
-    if low < CLAMP_LOGPROB:
-        logprobs = np.maximum(logprobs, CLAMP_LOGPROB)
-        low = CLAMP_LOGPROB
-        top = max(top, CLAMP_LOGPROB)
-    if ids.dtype != np.int64:
-        ids = ids.astype(np.int64)
-    return ModelView(ids, logprobs, top, top_index, low)
