@@ -131,20 +131,22 @@ def solve(stack: FloatArray, alpha_hint: float | None, zero_below: float = 0.0) 
     limit = zero_below * zero_below
     if point.var + point.g * point.g < 2.0 * limit and float(np.maximum.reduce(stack[3])) < limit:
         return None
+    best_gap = abs(point.g)
     for _ in range(MAX_EVALUATIONS):
-        g = point.g
-        if abs(g) < abs(best.g):
-            best = point
-        if abs(g) <= G_TOLERANCE:
+        g, var, skew = point.g, point.var, point.skew
+        gap = abs(g)
+        if gap < best_gap:
+            best, best_gap = point, gap
+        if gap <= G_TOLERANCE:
             return point
         if g < 0.0:
             lo = alpha
         else:
             hi = alpha
         candidate = math.nan
-        if point.var > 0.0:
-            newton = g / point.var
-            correction = 0.5 * newton * point.skew / point.var
+        if var > 0.0:
+            newton = g / var
+            correction = 0.5 * newton * skew / var
             if -0.5 < correction < 0.5:  # Halley: g/g′ / (1 − g·g″ / 2g′²)
                 newton /= 1.0 - correction
             candidate = alpha - newton
@@ -160,4 +162,4 @@ def solve(stack: FloatArray, alpha_hint: float | None, zero_below: float = 0.0) 
         alpha = candidate
         coefficients[1] = alpha
         point = _evaluate(logs, moments, coefficients)
-    return point if abs(point.g) < abs(best.g) else best
+    return point if abs(point.g) < best_gap else best
