@@ -2,8 +2,11 @@
 
 `mix` is the deterministic part (q and the diagnostics, no randomness); `mix_step` adds the
 draw (`app.sampling.draw.sample`). A step touches a few dozen ids, where numpy's per-call
-overhead (not the arithmetic) is the cost: the code counts calls, avoids axis reductions and
-`max` where a bound is known, and does scalar work in Python floats (bench/sampling.py).
+overhead (not the arithmetic) is the cost, so the code counts calls (bench/sampling.py): the
+two models live in one 2×|S| array (one call per operation for both), one 5×|S| buffer holds
+log p_b, d and the solver's moment rows, `ndarray.dot`/`take` replace `@`/fancy 2-D indexing
+(about half the overhead), no reductions where a bound is known, and scalar work happens in
+Python floats.
 
 Numerical conventions (every output stays finite; NaN never escapes):
 - vLLM's -9999 clamp is kept as the finite log-probability -9999 (see `topk.CLAMP_LOGPROB`),

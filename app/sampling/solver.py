@@ -3,8 +3,9 @@
 q_α ∝ p_b^(1−α) p_t^α with d = log p_t − log p_b; g(α) = KL(q_α‖p_b) − KL(q_α‖p_t) and
 g′(α) = Var_{q_α}[d] ≥ 0, so the root is unique and bracketed by [0, 1].
 
-Written for arrays of a few dozen ids, where numpy's per-call overhead dominates: one
-evaluation is three cheap ufuncs and one matrix-vector product (z, Σwd, Σwd², Σwd³ at once).
+Written for arrays of a few dozen ids, where numpy's per-call overhead dominates: the input
+is one 5×n array of rows log p_b, d, 1, d², d³, so one evaluation is three calls: x = log p_b
++ α·d as a 2-row product, w = exp(x), and one matrix-vector product for Σwd, Σw, Σwd², Σwd³.
 The third moment gives g″ for free, so the step is Halley's (cubic convergence: usually two or
 three evaluations from a warm start) whenever its correction is small, else Newton's.
 """
