@@ -65,6 +65,9 @@ NO_UNDERFLOW_SPAN = 700.0
 # e^top above this: Σ e^lp / e^top is as exact as Σ e^(lp − top) (no subnormal ratios).
 SUBNORMAL_SAFE = 1e-290
 
+# §4 and top_p: a cumulative mass within this relative distance of the target reaches it.
+TIE_TOLERANCE = 1e-12
+
 # Status codes of `mix_kernel` (the caller raises SamplingError for the non-zero ones).
 OK = 0
 NEGATIVE_ID = 1
@@ -223,19 +226,24 @@ def solve(
     if abs(g) < best_gap:
         return True, alpha, g, shift, z
     # The best point seen: evaluate it again (the same arithmetic gives the same q_α).
-    g, var, skew, shift, z = evaluate(lb, d, best_alpha, True, x, w)
+    g, _, _, shift, z = evaluate(lb, d, best_alpha, True, x, w)
     return True, best_alpha, g, shift, z
 
 
 @_jit
 def crossing(cumulative: FloatArray, p: float) -> int:
     """The number of leading entries of `cumulative` (non-decreasing) needed to reach
-    p·cumulative[-1], the crossing entry included (= searchsorted left + 1)."""
-    target = p * cumulative[-1]
+    p·cumulative[-1], the crossing entry included (searchsorted + 1).
+
+    "Reach" allows a relative 1e-12 for rounding: when the exact cumulative mass equals p (a
+    tie, e.g. q = 0.4 and top_p = 0.4), whether its float lands a few ulps above or below
+    p·total depends on summation order alone; the tie then counts as reached, as in exact
+    arithmetic. 1e-12 is far above rounding (~|S|·1e-16) and far below any real difference."""
+    target = p * cumulative[-1] * (1.0 - TIE_TOLERANCE)
     for i in range(cumulative.shape[0]):
         if cumulative[i] >= target:
             return i + 1
-    return cumulative.shape[0] + 1
+    return int(cumulative.shape[0]) + 1
 
 
 @_jit
@@ -403,7 +411,7 @@ def mix_kernel(
     alpha = NO_ALPHA
     if single:  # the nucleus leaves nothing to mix: wins over every §5 rule
         reason = SINGLE_TOKEN
-        g, var, skew, shift, z = evaluate(lb, d, 1.0, False, x, w)
+        g, _, _, shift, z = evaluate(lb, d, 1.0, False, x, w)
     else:
         if force_first_token and first_token:  # rule 1
             alpha, reason = 1.0, FIRST_TOKEN
@@ -412,12 +420,12 @@ def mix_kernel(
         elif stability_check and unstable and auto_fallback:  # rule 3
             alpha, reason = 1.0, UNSTABLE
         if reason != SOLVED:
-            g, var, skew, shift, z = evaluate(lb, d, alpha, False, x, w)
+            g, _, _, shift, z = evaluate(lb, d, alpha, False, x, w)
         else:  # rule 5, unless rule 4 (max |d| < 1e-12) applies
             found, alpha, g, shift, z = solve(lb, d, alpha_hint, IDENTICAL_TOLERANCE, x, w)
             if not found:
                 alpha, reason = 0.5, IDENTICAL
-                g, var, skew, shift, z = evaluate(lb, d, 0.5, True, x, w)
+                g, _, _, shift, z = evaluate(lb, d, 0.5, True, x, w)
 
     # q_α, then the request's top_k / top_p on it (renormalized).
     greedy_position = int(np.argmax(x)) if greedy else -1  # the first maximum: lowest id
