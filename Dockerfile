@@ -55,6 +55,7 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    NUMBA_CACHE_DIR=/tmp/numba \
     DUAL_VLLM_HOST=0.0.0.0 \
     DUAL_VLLM_PORT=8000
 USER 10001:10001

@@ -56,7 +56,7 @@ from app.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from app.sampling import make_generators, mix_step, top_logprobs, validate_config
+from app.sampling import make_generators, mix_step, top_logprobs, validate_config, warm_up
 from app.sampling.types import MixConfig, SamplingError, StepResult, TopK
 from app.settings import Settings
 from app.upstream import ModelInfo, StartupError, UpstreamClient
@@ -337,6 +337,7 @@ class Coordinator:
     async def start(self) -> None:
         """Open both clients and run the start-up checks; a failure closes them and raises
         StartupError (the message names the upstream and the fix)."""
+        warm_up()  # compile the mixing kernel (or load numba's cache) before the first request
         await self.base.start()
         await self.teacher.start()
         try:

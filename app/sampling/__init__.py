@@ -1,7 +1,8 @@
-"""Pure numpy math of ALGORITHM.md: no I/O, no imports from the rest of app."""
+"""The math of ALGORITHM.md: no I/O, no imports from the rest of app. The deterministic core
+of a step is one numba kernel (app.sampling.kernel), compiled on first use: `warm_up()`."""
 
 from app.sampling.draw import make_generators, sample, top_logprobs
-from app.sampling.mixing import mix, mix_step, validate_config
+from app.sampling.mixing import mix, mix_step, validate_config, warm_up
 from app.sampling.topk import topk_from_mapping
 from app.sampling.types import (
     REASONS,
@@ -28,4 +29,5 @@ __all__ = [
     "top_logprobs",
     "topk_from_mapping",
     "validate_config",
+    "warm_up",
 ]

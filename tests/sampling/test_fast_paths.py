@@ -1,6 +1,6 @@
 """The shortcuts the hot path takes (bench/sampling.py, issue 3) give what the general path
-gives: the moments-free evaluation for imposed α, the solver's early exit for rule 4, the JS
-underflow guard taken only when a row can underflow, the fill computed from e^logprob, and
+gives: the kernel's moments-free evaluation for imposed α, the solver's early exit for rule 4,
+the JS underflow guard taken only when a row can underflow, the fill computed from e^logprob, and
 exact ties between a fill and the smallest known value."""
 
 from __future__ import annotations
@@ -8,39 +8,45 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from app.sampling import MixConfig, TopK, mix, mix_step, topk_from_mapping
-from app.sampling.solver import evaluate, evaluate_plain, solve, stacked
+from app.sampling.kernel import evaluate, solve
 from tests.sampling import reference
 
+Array = npt.NDArray[np.float64]
 
-def _random_stack(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
+
+def _random_stack(rng: np.random.Generator, n: int, scale: float) -> tuple[Array, Array]:
+    """(log p_b, d) in the trust region's layout: log p_b = -inf and d = 0 outside."""
     lb = rng.normal(0.0, 3.0, n)
     lb -= reference.logsumexp(lb)
     lt = lb + rng.normal(0.0, scale, n)
     lt -= reference.logsumexp(lt)
     outside = rng.random(n) < 0.3
     outside[0] = False
-    lb[outside] = -np.inf  # the trust region's layout: log p_b = -inf and d = 0 outside
+    lb[outside] = -np.inf
     d = np.where(outside, 0.0, lt - lb)
-    return stacked(lb, d)
+    return lb, d
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_plain_evaluation_matches_the_moments_evaluation(alpha: float) -> None:
     rng = np.random.default_rng(11)
     for i in range(300):
-        stack = _random_stack(rng, int(rng.integers(1, 60)), float(rng.uniform(0.01, 5.0)))
+        lb, d = _random_stack(rng, int(rng.integers(1, 60)), float(rng.uniform(0.01, 5.0)))
         if i % 10 == 0:
-            stack[0] -= 800.0  # z underflows: both must take the shifted branch
-        plain, full = evaluate_plain(stack, alpha), evaluate(stack, alpha)
-        assert plain.alpha == full.alpha
-        np.testing.assert_array_equal(plain.x, full.x)
-        np.testing.assert_array_equal(plain.w, full.w)
-        assert plain.shift == full.shift
-        assert plain.z == pytest.approx(full.z, rel=1e-14)
-        assert plain.g == pytest.approx(full.g, rel=1e-12, abs=1e-15)
+            lb -= 800.0  # z underflows: both must take the shifted branch
+        x_plain, w_plain, x_full, w_full = (np.empty_like(d) for _ in range(4))
+        g_plain, var, skew, shift_plain, z_plain = evaluate(lb, d, alpha, False, x_plain, w_plain)
+        g_full, _, _, shift_full, z_full = evaluate(lb, d, alpha, True, x_full, w_full)
+        assert var == skew == 0.0
+        np.testing.assert_array_equal(x_plain, x_full)
+        np.testing.assert_array_equal(w_plain, w_full)
+        assert shift_plain == shift_full
+        assert z_plain == pytest.approx(z_full, rel=1e-14)
+        assert g_plain == pytest.approx(g_full, rel=1e-12, abs=1e-15)
 
 
 def test_solver_reports_identical_exactly_when_max_d_squared_is_below_the_tolerance() -> None:
@@ -58,8 +64,9 @@ def test_solver_reports_identical_exactly_when_max_d_squared_is_below_the_tolera
             lb -= reference.logsumexp(lb)
             d[0] = tolerance * rng.uniform(0.5, 3.0)
         expected = float(np.max(d * d)) < tolerance**2
-        result = solve(stacked(lb, d), float(rng.uniform(0.0, 1.0)), tolerance)
-        assert (result is None) == expected, (i, float(np.max(np.abs(d))))
+        hint = float(rng.uniform(0.0, 1.0))
+        found, *_ = solve(lb, d, hint, tolerance, np.empty_like(d), np.empty_like(d))
+        assert (not found) == expected, (i, float(np.max(np.abs(d))))
         seen[expected] += 1
     assert min(seen.values()) > 300  # both outcomes exercised
 
