@@ -60,7 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DUAL_VLLM_PORT=8000
 USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('DUAL_VLLM_PORT', '8000'), timeout=2)"]
 # `dual-vllm serve` runs uvicorn with one worker; scale with containers/replicas, not workers.
 ENTRYPOINT ["dual-vllm"]

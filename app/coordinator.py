@@ -337,7 +337,9 @@ class Coordinator:
     async def start(self) -> None:
         """Open both clients and run the start-up checks; a failure closes them and raises
         StartupError (the message names the upstream and the fix)."""
-        warm_up()  # compile the mixing kernel (or load numba's cache) before the first request
+        # Compile the mixing kernel (or load numba's cache) before the first request; in a
+        # thread, so a cold compile (seconds) does not stall the caller's event loop.
+        await asyncio.to_thread(warm_up)
         await self.base.start()
         await self.teacher.start()
         try:
