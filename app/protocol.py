@@ -65,8 +65,17 @@ class MixingOptions(OpenAIBaseModel):
     overlap_threshold: float | None = Field(None, ge=0.0, le=1.0)
     auto_fallback: StrictBool | None = None
     top_k: int | None = Field(None, ge=1, le=1024, description="K asked of each upstream")
-    speculative: None = Field(None, description="speculative rounds: not available yet")
+    # Speculative rounds (ALGORITHM.md §8) are not built yet; the field exists so clients
+    # can send null, and anything else gets a message saying so (not pydantic's "should be None").
+    speculative: Any = Field(None, description="speculative rounds: not available yet")
     diagnostics: StrictBool | None = None
+
+    @field_validator("speculative")
+    @classmethod
+    def _speculative_off(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("speculative rounds are not available yet; only null is accepted")
+        return None
 
     def overrides(self) -> dict[str, Any]:
         """The MixConfig fields this request sets: the preset's, then the explicit ones."""

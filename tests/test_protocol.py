@@ -158,6 +158,16 @@ def test_pydantic_errors_name_the_parameter(body: dict[str, Any], param: str) ->
     assert param.split(".")[-1].split("[")[0] in message
 
 
+def test_speculative_says_it_is_not_available_yet() -> None:
+    with pytest.raises(ValidationError) as info:
+        completion(mixing={"speculative": {"k": 4}})
+    errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
+    message, named = validation_message(errors)
+    assert named == "mixing.speculative"
+    assert "not available yet" in message
+    assert completion(mixing={"speculative": None}).mixing is not None
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
