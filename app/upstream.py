@@ -360,7 +360,25 @@ class UpstreamClient:
         return body
 
     async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> TopK:
-        """The next-token top-K (K or K+1 entries) after `prompt`, keyed by token id."""
+        """The next-token top-K (K or K+1 entries) after `prompt`, keyed by token id.
+
+        A K above the upstream's --max-logprobs comes from the client's `mixing.top_k` (the
+        configured K was checked at start-up): that 400 names the client's parameter, not
+        vLLM's `logprobs`."""
+        try:
+            return await self._topk(prompt, k, affinity)
+        except UpstreamRejectedError as exc:
+            match = _MAX_ALLOWED.search(exc.message)
+            if match is None:
+                raise
+            raise UpstreamRejectedError(
+                f"mixing.top_k={k} is above the {self.name} upstream's limit of "
+                f"{match.group(1)} logprobs (its --max-logprobs)",
+                upstream=self.name,
+                param="mixing.top_k",
+            ) from exc
+
+    async def _topk(self, prompt: Sequence[int], k: int, affinity: int) -> TopK:
         response = await self._request(
             "POST", "/v1/completions", json=self.probe_body(prompt, k), affinity=affinity
         )
@@ -485,7 +503,7 @@ class UpstreamClient:
     async def check_logprobs(self, prompt: Sequence[int], k: int) -> None:
         """One probe with logprobs=K; a 400 naming the maximum becomes a StartupError."""
         try:
-            await self.topk(prompt, k)
+            await self._topk(prompt, k, 0)
         except UpstreamRejectedError as exc:
             match = _MAX_ALLOWED.search(exc.message)
             if match is None:

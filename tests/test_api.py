@@ -348,6 +348,20 @@ async def test_bad_input_is_400_naming_the_parameter(
         assert g.teacher.calls["/v1/completions"] == probes  # rejected before upstream work
 
 
+async def test_top_k_above_the_upstream_limit_is_400_naming_mixing_top_k(
+    gateway: Gateway,
+) -> None:
+    async with gateway() as g:  # the fake upstreams allow at most 20 logprobs
+        response = await g.client.post(
+            "/v1/completions", json={"prompt": [5], "max_tokens": 2, "mixing": {"top_k": 40}}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "mixing.top_k"
+        assert "mixing.top_k=40" in error["message"]
+        assert "limit of 20" in error["message"]
+
+
 async def test_bad_json_is_400_not_422(gateway: Gateway) -> None:
     async with gateway() as g:
         for content in (b"{not json", b"[1, 2]", b""):
