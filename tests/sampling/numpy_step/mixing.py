@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.sampling.draw import sample
+from app.sampling.mixing import validate_config  # the options check is not under comparison
 from app.sampling.topk import CLAMP_LOGPROB, POSITIVE_TOLERANCE
 from app.sampling.types import MixConfig, Mixture, Reason, SamplingError, StepResult, TopK
 from tests.sampling.numpy_step.solver import Point, evaluate, evaluate_plain, fill_moments, solve
@@ -30,7 +31,6 @@ FILL_FLOOR = 1e-10  # §1: the smallest value a missing id gets
 _LOG_FILL_FLOOR = math.log(FILL_FLOOR)
 IDENTICAL_TOLERANCE = 1e-12  # §5.4
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it, sampling is greedy
-MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 _LN2 = math.log(2.0)
 # ufunc methods and C-level fills: ndarray.sum / np.full / np.cumsum go through Python
 # wrappers that cost more than the arithmetic on arrays this small (measured ~2x).
@@ -46,28 +46,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 _INT64 = np.dtype(np.int64)  # dtype objects are singletons: `is` beats `!= np.int64`
 _FLOAT64 = np.dtype(np.float64)
-
-
-def validate_config(config: MixConfig) -> None:
-    """Raise `SamplingError` for option values the math must not run with.
-
-    Written as `not lo <= x <= hi` so NaN fails every check."""
-    alpha = config.alpha
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise SamplingError("mixing.alpha must be in [0, 1] or null")
-    rho = config.trust_region_top_p
-    if rho is not None and not 0.0 < rho <= 1.0:
-        raise SamplingError("mixing.trust_region_top_p must be in (0, 1] or null")
-    if not 0.0 <= config.js_threshold <= math.inf:
-        raise SamplingError("mixing.js_threshold must be >= 0")
-    if not 0.0 <= config.overlap_threshold <= 1.0:
-        raise SamplingError("mixing.overlap_threshold must be in [0, 1]")
-    if not 0.0 <= config.temperature <= MAX_TEMPERATURE:
-        raise SamplingError("temperature must be in [0, 2]")
-    if not 0.0 < config.top_p <= 1.0:
-        raise SamplingError("top_p must be in (0, 1]")
-    if isinstance(config.top_k, bool) or not isinstance(config.top_k, int) or config.top_k < -1:
-        raise SamplingError("top_k must be -1, 0 (off) or a positive integer")
 
 
 def mix(
