@@ -43,7 +43,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -75,6 +75,7 @@ __all__ = [
     "StartupError",
     "TokenEvent",
     "diagnostics_summary",
+    "task_group",
 ]
 
 log = logging.getLogger(__name__)
@@ -210,15 +211,22 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0] if leaves else group
 
 
-async def both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T, U]:
-    """Run two calls concurrently; the first failure cancels the other and is re-raised as
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """An `asyncio.TaskGroup` whose first failure cancels the other tasks and is re-raised as
     itself (not as an ExceptionGroup, so callers and the error table see the typed error)."""
     try:
         async with asyncio.TaskGroup() as group:
-            task_a = group.create_task(a)
-            task_b = group.create_task(b)
+            yield group
     except BaseExceptionGroup as exc:
         raise _leaf(exc) from None
+
+
+async def both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T, U]:
+    """Run two calls concurrently (`task_group`: the first failure cancels the other)."""
+    async with task_group() as group:
+        task_a = group.create_task(a)
+        task_b = group.create_task(b)
     return task_a.result(), task_b.result()
 
 
@@ -454,14 +462,9 @@ class Coordinator:
             return _check_ids(item, param)
 
         base_param = "prompt" if base_prompt is None else "base_prompt"
-        try:
-            async with asyncio.TaskGroup() as group:
-                teacher_tasks = [
-                    group.create_task(ids(self.teacher, p, "prompt")) for p in teachers
-                ]
-                base_tasks = [group.create_task(ids(self.base, p, base_param)) for p in bases]
-        except BaseExceptionGroup as exc:
-            raise _leaf(exc) from None
+        async with task_group() as group:
+            teacher_tasks = [group.create_task(ids(self.teacher, p, "prompt")) for p in teachers]
+            base_tasks = [group.create_task(ids(self.base, p, base_param)) for p in bases]
         return [
             DualPrompt(teacher=t.result(), base=b.result())
             for t, b in zip(teacher_tasks, base_tasks, strict=True)
@@ -653,12 +656,9 @@ class Coordinator:
     async def _run(self, plan: _Plan, emit: Callable[[Event], None]) -> None:
         n = plan.params.n
         rngs = make_generators(plan.params.seed, len(plan.prompts) * n)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for index, rng in enumerate(rngs):
-                    group.create_task(self._choice(plan, index, rng, emit))
-        except BaseExceptionGroup as exc:
-            raise _leaf(exc) from None
+        async with task_group() as group:
+            for index, rng in enumerate(rngs):
+                group.create_task(self._choice(plan, index, rng, emit))
 
     async def _choice(
         self, plan: _Plan, index: int, rng: np.random.Generator, emit: Callable[[Event], None]

@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from app import protocol, streaming
-from app.coordinator import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.coordinator import (
+    ChatMessage,
+    Completion,
+    DualPrompt,
+    Event,
+    GenerationParams,
+    task_group,
+)
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
 from app.settings import Settings
 
@@ -107,7 +114,7 @@ class TokenTextCache:
     async def __call__(self, ids: Sequence[int]) -> Mapping[int, str]:
         missing = sorted({i for i in ids if i not in self._texts})
         if missing:
-            async with asyncio.TaskGroup() as group:
+            async with task_group() as group:
                 for token_id in missing:
                     group.create_task(self._one(token_id))
         out: dict[int, str] = {}

@@ -23,6 +23,7 @@ from app.coordinator import Completion, DualPrompt, Event, GenerationParams
 from app.errors import UpstreamUnavailableError
 from app.main import create_app
 from app.metrics import Metrics
+from app.routes import TokenTextCache
 from app.settings import Settings
 from tests.fakes.vllm import (
     BASE_URL,
@@ -577,3 +578,17 @@ async def test_ready_and_metrics(gateway: Gateway) -> None:
         assert "dual_vllm_time_to_first_token_seconds_count 1.0" in text
         g.teacher.faults.health_status = 503
         assert (await g.client.get("/ready")).status_code == 503
+
+
+class _DownDetokenizer:
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        await asyncio.sleep(0)
+        raise UpstreamUnavailableError("teacher is down", upstream="teacher")
+
+
+async def test_token_texts_re_raise_the_typed_upstream_error() -> None:
+    # Not an ExceptionGroup: the error table must see the 503 (a group would become a 500, or
+    # an "internal" error frame mid-stream).
+    texts = TokenTextCache(_DownDetokenizer())
+    with pytest.raises(UpstreamUnavailableError):
+        await texts([1, 2, 3])
