@@ -65,7 +65,7 @@ def error_frame(exc: BaseException) -> bytes:
 
 @dataclass(slots=True)
 class _Choice:
-    steps: list[StepResult] = field(default_factory=list)
+    steps: list[StepResult] = field(default_factory=list)  # kept only with diagnostics
     offset: int = 0  # text_offset of the next token (sum of the token strings so far)
     last_token_at: float | None = None
     role_sent: bool = False
@@ -99,7 +99,8 @@ class StreamRenderer:
 
     def token(self, event: TokenEvent, texts: Mapping[int, str] | None) -> bytes:
         state = self.choice(event.index)
-        state.steps.append(event.step)
+        if self.diagnostics:  # only the finish chunk's summary reads them
+            state.steps.append(event.step)
         extra: dict[str, Any] = {}
         if self.return_token_ids:
             extra["token_ids"] = [event.token_id]
