@@ -31,7 +31,7 @@ from app.localvllm.servers import (
     default_specs,
     serves,
     start_pair,
-    stop_specs,
+    stop_launched,
 )
 from app.localvllm.setup import Layout, run_setup
 
@@ -65,11 +65,13 @@ def real_vllm() -> Iterator[RealVLLM]:
     out = io.StringIO()
     try:
         run_setup(layout, out)
-        started = start_pair(layout, specs, out).started
+        launches = start_pair(layout, specs, out).launches
     except LocalVLLMError as exc:
         pytest.fail(f"could not bring up the real vLLM pair: {exc}\n{out.getvalue()}")
     sys.stderr.write(out.getvalue())
     try:
         yield pair
     finally:
-        stop_specs(layout, started)
+        # By PID: a server another process (`dual-vllm local start`) launched, even one this
+        # session waited for, keeps running.
+        stop_launched(layout, launches)

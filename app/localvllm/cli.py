@@ -22,9 +22,11 @@ from app.localvllm.servers import (
     BASE_PORT,
     TEACHER_PORT,
     ServerSpec,
+    StartResult,
     default_specs,
     start_pair,
     status,
+    stop_launched,
     stop_specs,
 )
 from app.localvllm.setup import Layout, run_setup
@@ -67,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
             stop_specs(layout, specs, out)
             return 0
         run_setup(layout, out)
-        started = start_pair(layout, specs, out).started
+        result = start_pair(layout, specs, out)
         if args.local_command == "start":
             out.write(_servers_ready(specs))
             return 0
-        return run_gateway(layout, specs, started, args, out)
+        return run_gateway(layout, specs, result, args, out)
     except LocalVLLMError as exc:
         sys.stderr.write(f"dual-vllm local {args.local_command}: {exc}\n")
         return 1
@@ -116,11 +118,12 @@ def gateway_command() -> list[str]:
 def run_gateway(
     layout: Layout,
     specs: list[ServerSpec],
-    started: list[ServerSpec],
+    result: StartResult,
     args: argparse.Namespace,
     out: TextIO,
 ) -> int:
-    """`sys.executable -m app serve` in the foreground; stop it and `started` at the end."""
+    """`sys.executable -m app serve` in the foreground; stop it and the servers this command
+    launched (by their PIDs) at the end."""
     base, teacher = specs
     env = {**os.environ, "DUAL_VLLM_BASE_URL": base.url, "DUAL_VLLM_TEACHER_URL": teacher.url}
     if args.host is not None:
@@ -149,10 +152,10 @@ def run_gateway(
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
-        if started:
+        if result.started:
             out.write("stopping the vLLM servers this command started\n")
-            stop_specs(layout, started, out)
-        kept = [spec for spec in specs if spec not in started]
+            stop_launched(layout, result.launches, out)
+        kept = [spec for spec in specs if spec not in result.started]
         if kept:
             out.write(f"left running (they were already up): {[s.url for s in kept]}\n")
     # A gateway ended by our own SIGINT/SIGTERM forwarding is a normal end.

