@@ -28,8 +28,9 @@ from app.presets import MIX_OPTIONS, PRESETS, Preset
 from app.sampling.types import MixConfig, StepResult
 from app.settings import Settings
 
-# API.md: logprobs is "top-N of q, N <= 20" (OpenAI's own cap on chat top_logprobs is 20).
-MAX_LOGPROBS = 20
+# API.md: logprobs is "top-N of q, N <= 20" (OpenAI's own cap on chat top_logprobs is 20);
+# the coordinator enforces the same bound for library callers.
+MAX_LOGPROBS = coord.MAX_LOGPROBS
 # OpenAI and vLLM >= 0.33 (VLLM_MAX_STOP_STRINGS): at most 4 stop strings.
 MAX_STOP_STRINGS = 4
 # vLLM's -inf clamp for logprobs in JSON (reference §2.2): JSON has no infinity.
