@@ -336,6 +336,12 @@ class UpstreamClient:
             f"{self.name} upstream returned a malformed {what}", upstream=self.name
         )
 
+    def _with_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` naming the served model (vLLM's default model when none is known yet)."""
+        if self.model is not None:
+            body["model"] = self.model
+        return body
+
     # --- endpoints ---------------------------------------------------------------------------
 
     def probe_body(self, prompt: Sequence[int], k: int) -> dict[str, Any]:
@@ -355,9 +361,7 @@ class UpstreamClient:
             "return_tokens_as_token_ids": True,
             "stream": False,
         }
-        if self.model is not None:
-            body["model"] = self.model
-        return body
+        return self._with_model(body)
 
     async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> TopK:
         """The next-token top-K (K or K+1 entries) after `prompt`, keyed by token id.
@@ -445,9 +449,7 @@ class UpstreamClient:
     async def tokenize(
         self, text: str, *, add_special_tokens: bool = True, affinity: int = 0
     ) -> list[int]:
-        body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special_tokens}
-        if self.model is not None:
-            body["model"] = self.model
+        body = self._with_model({"prompt": text, "add_special_tokens": add_special_tokens})
         response = await self._request("POST", "/tokenize", json=body, affinity=affinity)
         return self._tokens(self._json(response))
 
@@ -460,13 +462,13 @@ class UpstreamClient:
     ) -> list[int]:
         """The model's own chat template applied by the upstream (vLLM's /tokenize chat form;
         `add_special_tokens: false` because the template already holds them)."""
-        body: dict[str, Any] = {
-            "messages": [dict(m) for m in messages],
-            "add_generation_prompt": add_generation_prompt,
-            "add_special_tokens": False,
-        }
-        if self.model is not None:
-            body["model"] = self.model
+        body = self._with_model(
+            {
+                "messages": [dict(m) for m in messages],
+                "add_generation_prompt": add_generation_prompt,
+                "add_special_tokens": False,
+            }
+        )
         response = await self._request("POST", "/tokenize", json=body, affinity=affinity)
         return self._tokens(self._json(response))
 
@@ -479,9 +481,7 @@ class UpstreamClient:
         return tokens
 
     async def detokenize(self, ids: Sequence[int], *, affinity: int = 0) -> str:
-        body: dict[str, Any] = {"tokens": list(ids)}
-        if self.model is not None:
-            body["model"] = self.model
+        body = self._with_model({"tokens": list(ids)})
         response = await self._request("POST", "/detokenize", json=body, affinity=affinity)
         data = self._json(response)
         text = data.get("prompt") if isinstance(data, dict) else None
