@@ -212,6 +212,15 @@ class StreamRenderer:
 Outcome = Callable[[str], None]
 
 
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close `iterator` if it is an async generator (cancelling the work behind it); a failure
+    while closing must not replace the frames or the error already on their way."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
 async def event_frames(
     events: AsyncIterator[Event],
     renderer: StreamRenderer,
@@ -267,10 +276,7 @@ async def event_frames(
         set_outcome("internal_error")
         yield error_frame(exc)
     finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _aclose(events)
     yield DONE
 
 
@@ -300,10 +306,7 @@ async def with_keepalive(frames: AsyncIterator[bytes], interval: float) -> Async
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
-        aclose = getattr(frames, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _aclose(frames)
 
 
 async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -313,7 +316,4 @@ async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
         async for data in rest:
             yield data
     finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _aclose(rest)
