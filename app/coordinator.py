@@ -105,6 +105,20 @@ class ChatMessage:
     content: str
 
 
+def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str:
+    """The base model's plain rendering of chat messages (Settings.base_*_format); the batch
+    job renders its datasets' conversations with it too."""
+    formats = {
+        "system": settings.base_system_format,
+        "developer": settings.base_system_format,
+        "user": settings.base_user_format,
+        "assistant": settings.base_assistant_format,
+    }
+    return "".join(
+        formats.get(m.role, settings.base_user_format).format(content=m.content) for m in messages
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
     """Everything about how to generate, independent of the wire format."""
@@ -272,7 +286,6 @@ class _Plan:
 
     prompts: list[DualPrompt]
     params: GenerationParams
-    config: MixConfig
     k: int
     eos: frozenset[int]
     stop_ids: frozenset[int]
@@ -488,19 +501,6 @@ class Coordinator:
             f"{param} must be a string, a list of token ids, or a list of either", param=param
         )
 
-    def render_base_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The base model's plain rendering of chat messages (Settings.base_*_format)."""
-        s = self.settings
-        formats = {
-            "system": s.base_system_format,
-            "developer": s.base_system_format,
-            "user": s.base_user_format,
-            "assistant": s.base_assistant_format,
-        }
-        return "".join(
-            formats.get(m.role, s.base_user_format).format(content=m.content) for m in messages
-        )
-
     async def chat_prompt(
         self,
         messages: Sequence[ChatMessage],
@@ -518,7 +518,7 @@ class Coordinator:
             if isinstance(base_prompt, str):
                 text = base_prompt
             else:
-                text = self.render_base_chat(base_messages or messages)
+                text = render_base_chat(self.settings, base_messages or messages)
             if not text:
                 raise InvalidRequestError("the base prompt is empty", param="base_prompt")
             return await self.base.tokenize(text, add_special_tokens=True)
@@ -578,7 +578,6 @@ class Coordinator:
         return _Plan(
             prompts=list(prompts),
             params=params,
-            config=params.mixing,
             k=k,
             eos=frozenset() if params.ignore_eos else self.eos_token_ids,
             stop_ids=frozenset(params.stop_token_ids),
@@ -695,7 +694,7 @@ class Coordinator:
         result = mix_step(
             base,
             teacher,
-            plan.config,
+            plan.params.mixing,
             first_token=not seq.generated,
             rng=seq.rng,
             alpha_hint=seq.alpha,
