@@ -53,6 +53,7 @@ from app.coordinator import (
     GenerationParams,
     TokenEvent,
     diagnostics_summary,
+    render_base_chat,
 )
 from app.errors import DualVLLMError, UpstreamError
 from app.presets import MIX_OPTIONS, PRESETS
@@ -367,14 +368,8 @@ def build_prompt(row: PromptRow, templates: Templates, settings: Settings) -> Pr
     if templates.base_template is not None:
         base_text = _fill(templates.base_template, row, last_user, system_text, "--base-template")
     else:
-        formats = {
-            "system": settings.base_system_format,
-            "assistant": settings.base_assistant_format,
-        }
-        base_text = "".join(
-            formats.get(m.role, settings.base_user_format).format(content=m.content)
-            for m in messages
-        )
+        chat = [ChatMessage(m.role, m.content) for m in messages]
+        base_text = render_base_chat(settings, chat)
     if templates.teacher_template is not None:
         teacher_text = _fill(
             templates.teacher_template, row, last_user, system_text, "--teacher-template"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.batch.datasets import sample_seed
-from app.batch.generate import Job, build_prompt, run_job
+from app.batch.generate import Job, Templates, build_prompt, run_job
 from app.batch.writer import StoreError, iter_records
 from app.cli import main as cli_main
 from app.errors import ContextLengthError, UpstreamUnavailableError
@@ -110,6 +110,19 @@ def test_template_with_unknown_field_is_a_clear_error(dataset: Path, tmp_path: P
     row = to_prompts(read_rows(str(dataset)), prompt_field="problem")[0]
     with pytest.raises(ValueError, match=r"--base-template uses \{question\}"):
         build_prompt(row, job.templates, settings)
+
+
+def test_default_base_text_is_the_gateways_rendering() -> None:
+    """The base sees a dataset conversation exactly as the gateway renders the same chat
+    (a "developer" turn is a system turn, not a question)."""
+    from app.batch.datasets import Message, PromptRow
+
+    settings = Settings(base_url="http://b", teacher_url="http://t")
+    conversation = (Message("developer", "Be brief."), Message("user", "2+2?"))
+    row = PromptRow(id="0", position=0, prompt=conversation, fields={})
+    spec = build_prompt(row, Templates(), settings)
+    assert spec.base_text == "Be brief.\n\nQuestion: 2+2?\nAnswer:"
+    assert spec.teacher_messages == conversation
 
 
 async def test_resume_generates_only_missing_samples(dataset: Path, tmp_path: Path) -> None:
