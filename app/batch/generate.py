@@ -457,6 +457,10 @@ _SAMPLE_FAILURES = (DualVLLMError, SamplingError, httpx.HTTPError, TimeoutError)
 # Progress and totals
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 @dataclass
 class Totals:
     total: int = 0
@@ -497,13 +501,10 @@ class Totals:
         return self.fallback_steps / self.tokens if self.tokens else None
 
     def postfix(self) -> dict[str, str]:
-        def fmt(value: float | None, spec: str) -> str:
-            return "-" if value is None else format(value, spec)
-
         return {
             "tok/s": f"{self.tokens_per_second:.1f}",
-            "α": fmt(self.alpha_mean, ".3f"),
-            "fallback": fmt(self.fallback_rate, ".1%"),
+            "α": _fmt(self.alpha_mean, ".3f"),
+            "fallback": _fmt(self.fallback_rate, ".1%"),
             "failed": str(self.failed),
         }
 
@@ -523,17 +524,14 @@ class Totals:
 
 
 def format_summary(totals: Totals, output: Path, compacted: int) -> str:
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     finish = ", ".join(f"{k} {v}" for k, v in sorted(totals.finish.items())) or "-"
     lines = [
         f"output: {output}",
         f"samples: {totals.total} in this job ({totals.skipped} already done, "
         f"{totals.ok} generated, {totals.failed} failed)",
         f"tokens: {totals.tokens} in {totals.elapsed:.1f} s ({totals.tokens_per_second:.1f} tok/s)",
-        f"alpha mean: {fmt(totals.alpha_mean, '.4f')}; "
-        f"fallback rate: {fmt(totals.fallback_rate, '.2%')}",
+        f"alpha mean: {_fmt(totals.alpha_mean, '.4f')}; "
+        f"fallback rate: {_fmt(totals.fallback_rate, '.2%')}",
         f"finish reasons: {finish}",
     ]
     if compacted:
