@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,12 +24,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from app.main import create_app
 from app.settings import Settings
-from tests.fakes import FakeVLLM, serve_pair
+from tests.fakes import FakeVLLM, serve, serve_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -60,38 +58,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-# --- the gateway on a real port ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve_gateway(settings: Settings) -> Iterator[str]:
-    """create_app(settings) under a real uvicorn (lifespan on) in a thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(settings), lifespan="on", log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="gateway-uvicorn", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @dataclass
@@ -240,7 +206,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp_path = tmp_path_factory.mktemp("prometheus")
     with serve_pair() as (base_url, teacher_url, base, teacher):
         settings = Settings(base_url=[base_url], teacher_url=[teacher_url], upstream_retries=0)
-        with serve_gateway(settings) as gateway, run_prometheus(tmp_path, gateway) as prom:
+        with (
+            serve(create_app(settings), timeout=30, lifespan="on") as gateway,
+            run_prometheus(tmp_path, gateway) as prom,
+        ):
             # One scrape before the traffic, so counters have a starting point to rate from.
             assert wait_for(prom, 'up{job="dual-vllm"} == 1') == [1.0]
             drive(gateway, teacher)

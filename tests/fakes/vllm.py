@@ -533,13 +533,20 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
 
 
 @contextlib.contextmanager
-def serve(app: ASGIApp, *, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
-    """Serve `app` with a real uvicorn on a free port in a background thread; yields its URL."""
+def serve(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+    lifespan: Literal["on", "off"] = "off",
+) -> Iterator[str]:
+    """Serve `app` with a real uvicorn on a free port in a background thread; yields its URL.
+    `lifespan="on"` for the gateway (its clients are built in the lifespan)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"fake-uvicorn-{port}", daemon=True
