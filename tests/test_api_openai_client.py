@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,12 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
-from tests.fakes.vllm import FakeVLLM, Faults, encode, serve_pair
+from tests.fakes.vllm import FakeVLLM, Faults, encode, serve, serve_pair
 
 
 @dataclass
@@ -42,33 +39,6 @@ class Live:
     def async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
         kwargs.setdefault("api_key", "none")
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", max_retries=0, **kwargs)
-
-
-@contextlib.contextmanager
-def serve_gateway(settings: Settings, metrics: Metrics) -> Iterator[str]:
-    """create_app(settings) on a real uvicorn (lifespan on) in a thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(settings, metrics=metrics), lifespan="on", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 Factory = Callable[..., contextlib.AbstractContextManager[Live]]
@@ -92,7 +62,8 @@ def live(fake_upstreams: tuple[str, str, FakeVLLM, FakeVLLM]) -> Factory:
         teacher.faults = Faults()
         settings = Settings(base_url=[base_url], teacher_url=[teacher_url], **overrides)
         metrics = Metrics()
-        with serve_gateway(settings, metrics) as url:
+        app = create_app(settings, metrics=metrics)
+        with serve(app, lifespan="on", timeout=20) as url:
             state = Live(url, base, teacher, metrics)
             try:
                 yield state
