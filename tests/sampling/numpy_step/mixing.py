@@ -1,7 +1,7 @@
 """One mixing step: align, temper, diagnose, trust region, α, q (ALGORITHM.md §1–5).
 
-`mix` is the deterministic part (q and the diagnostics, no randomness); `mix_step` adds the
-draw (`app.sampling.draw.sample`). A step touches a few dozen ids, where numpy's per-call
+`mix` is the deterministic part (q and the diagnostics, no randomness); app.sampling's
+`mix_step` adds the draw. A step touches a few dozen ids, where numpy's per-call
 overhead (not the arithmetic) is the cost, so the code counts calls (bench/sampling.py): the
 two models live in one 2×|S| array (one call per operation for both), one 5×|S| buffer holds
 log p_b, d and the solver's moment rows, `ndarray.dot`/`take` replace `@`/fancy 2-D indexing
@@ -21,10 +21,12 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from app.sampling.draw import sample
-from app.sampling.mixing import validate_config  # the options check is not under comparison
+from app.sampling.mixing import (  # the input checks are not under comparison
+    _checked,
+    validate_config,
+)
 from app.sampling.topk import CLAMP_LOGPROB, POSITIVE_TOLERANCE
-from app.sampling.types import MixConfig, Mixture, Reason, SamplingError, StepResult, TopK
+from app.sampling.types import MixConfig, Mixture, Reason, SamplingError, TopK
 from tests.sampling.numpy_step.solver import Point, evaluate, evaluate_plain, fill_moments, solve
 
 FILL_FLOOR = 1e-10  # §1: the smallest value a missing id gets
@@ -44,8 +46,6 @@ _SUBNORMAL_SAFE = 1e-290
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-_INT64 = np.dtype(np.int64)  # dtype objects are singletons: `is` beats `!= np.int64`
-_FLOAT64 = np.dtype(np.float64)
 
 
 def mix(
@@ -252,40 +252,6 @@ def mix(
         chernoff if chernoff > 0.0 else 0.0,
         min(max(filled_mass, 0.0), 1.0),
     )
-
-
-def mix_step(
-    base: TopK,
-    teacher: TopK,
-    config: MixConfig,
-    *,
-    first_token: bool,
-    rng: np.random.Generator,
-    alpha_hint: float | None = None,
-) -> StepResult:
-    """The full step: `mix` (§1–5) then the draw from q with `rng` (§5, §7).
-
-    `alpha_hint` is the previous step's α of this sequence (a warm start for the solver only).
-    The reported `logprob` is log q(token) of the distribution actually sampled from: after
-    the trust region and the request's top_p/top_k (for T = 0 see `mix`).
-    """
-    return sample(mix(base, teacher, config, first_token=first_token, alpha_hint=alpha_hint), rng)
-
-
-def _checked(topk: TopK, name: str) -> tuple[IntArray, FloatArray]:
-    """The arrays of `topk`, checked for shape and dtype (callers may build a `TopK` directly);
-    values are checked by `_extremes`, duplicate and negative ids by the alignment."""
-    ids = topk.ids
-    logprobs = topk.logprobs
-    if ids.ndim != 1 or ids.shape != logprobs.shape or ids.shape[0] == 0:
-        raise SamplingError(f"{name}: empty top-K or ids/logprobs of different shapes")
-    if ids.dtype is not _INT64:
-        if ids.dtype.kind not in "iu":
-            raise SamplingError(f"{name}: token ids must be integers")
-        ids = ids.astype(np.int64)
-    if logprobs.dtype is not _FLOAT64:
-        logprobs = logprobs.astype(np.float64)
-    return ids, logprobs
 
 
 def _extremes(values: list[float], name: str) -> tuple[float, float, int]:
