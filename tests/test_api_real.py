@@ -11,10 +11,11 @@ from typing import Any
 import openai
 import pytest
 
+from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
+from tests.fakes.vllm import serve
 from tests.real_vllm import RealVLLM
-from tests.test_api_openai_client import serve_gateway
 
 pytestmark = pytest.mark.real_vllm
 
@@ -29,7 +30,7 @@ def client(real_vllm: RealVLLM) -> Iterator[openai.OpenAI]:
         base_model=real_vllm.base_model,
         teacher_model=real_vllm.teacher_model,
     )
-    with serve_gateway(settings, Metrics()) as url:
+    with serve(create_app(settings, metrics=Metrics()), lifespan="on", timeout=20) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
         yield client
         client.close()
