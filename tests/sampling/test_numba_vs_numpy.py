@@ -25,17 +25,16 @@ draws then pick between equally likely ids)."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from app.sampling import MixConfig, Mixture, TopK, mix_step
+from app.sampling import MixConfig, Mixture, mix_step
 from app.sampling.draw import sample
+from tests.sampling.cases import KINDS, adversarial_pair
 from tests.sampling.numpy_step import mixing as numpy_step
 
-KINDS = ("random", "near_identical", "disjoint", "huge_logit", "clamped", "k_plus_one")
 SEEDS = (1, 2)
 PAIRS_PER_SEED = 75
 OPTION_SETS = [
@@ -55,34 +54,6 @@ OPTION_SETS = [
         ((1.0, 0), (0.9, 0), (1.0, 5), (0.8, 10)),
     )
 ]
-
-
-def _pair(rng: np.random.Generator, kind: str) -> tuple[TopK, TopK]:
-    vocab = int(rng.choice([50, 500, 5000]))
-    k = min(int(rng.choice([1, 2, 3, 5, 20, 20, 50, 100])), vocab)
-    base = rng.normal(0.0, rng.uniform(0.3, 5.0), vocab)
-    if kind == "near_identical":
-        teacher = base + rng.normal(0.0, 10.0 ** rng.uniform(-10, -5), vocab)
-    elif kind == "disjoint":
-        teacher = rng.permutation(base)
-    else:
-        teacher = base + rng.normal(0.0, rng.uniform(0.1, 3.0), vocab)
-    if kind == "huge_logit":
-        base[rng.integers(vocab)] += 60.0
-        teacher[rng.integers(vocab)] += rng.uniform(5.0, 60.0)
-    views = []
-    for offset, logits in ((0, base), (10 * vocab if kind == "disjoint" else 0, teacher)):
-        logp = logits - (logits.max() + math.log(float(np.exp(logits - logits.max()).sum())))
-        top = list(np.argsort(-logp, kind="stable")[:k])
-        if kind == "k_plus_one" and k < vocab:
-            extra = int(rng.integers(vocab))
-            if extra not in top:
-                top.insert(0, extra)  # vLLM puts its sampled token first
-        values = logp[top]
-        if kind == "clamped":
-            values[-max(1, k // 3) :] = -9999.0
-        views.append(TopK(ids=np.array(top, dtype=np.int64) + offset, logprobs=values))
-    return views[0], views[1]
 
 
 def _tie_at_boundary(step: Mixture, config: MixConfig) -> bool:
@@ -109,7 +80,7 @@ def _same_values(new: npt.NDArray[np.float64], old: npt.NDArray[np.float64]) -> 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_kernel_gives_the_numpy_steps(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    pairs = [_pair(rng, KINDS[i % len(KINDS)]) for i in range(PAIRS_PER_SEED)]
+    pairs = [adversarial_pair(rng, KINDS[i % len(KINDS)]) for i in range(PAIRS_PER_SEED)]
     old_rng, new_rng = np.random.default_rng(seed), np.random.default_rng(seed)
     steps = ties = 0
     reasons: set[str] = set()

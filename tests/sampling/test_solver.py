@@ -13,40 +13,9 @@ from hypothesis import strategies as st
 
 from app.sampling import MixConfig, SamplingError, TopK, mix
 from tests.sampling import reference
+from tests.sampling.cases import KINDS, adversarial_pair, as_mapping
 
-KINDS = ("random", "near_identical", "disjoint", "huge_logit", "clamped", "k_plus_one")
 TEMPERATURES = (0.05, 0.1, 0.3, 0.7, 1.0, 1.0, 1.5, 2.0)
-
-
-def _case(rng: np.random.Generator, kind: str) -> tuple[dict[int, float], dict[int, float]]:
-    vocab = int(rng.choice([50, 500, 5000]))
-    k = int(rng.choice([1, 2, 3, 5, 20, 20, 50, 100]))
-    k = min(k, vocab)
-    base_logits = rng.normal(0.0, rng.uniform(0.3, 5.0), vocab)
-    if kind == "near_identical":
-        teacher_logits = base_logits + rng.normal(0.0, 10.0 ** rng.uniform(-10, -5), vocab)
-    elif kind == "disjoint":
-        teacher_logits = rng.permutation(base_logits)
-    else:
-        teacher_logits = base_logits + rng.normal(0.0, rng.uniform(0.1, 3.0), vocab)
-    if kind == "huge_logit":
-        base_logits[rng.integers(vocab)] += 60.0
-        teacher_logits[rng.integers(vocab)] += rng.uniform(5.0, 60.0)
-    views = []
-    for logits in (base_logits, teacher_logits):
-        logp = logits - (logits.max() + math.log(float(np.exp(logits - logits.max()).sum())))
-        top = np.argsort(-logp, kind="stable")[:k]
-        view = {int(y): float(logp[y]) for y in top}
-        if kind == "k_plus_one" and k < vocab:
-            extra = int(rng.integers(vocab))
-            view[extra] = float(logp[extra])
-        if kind == "clamped":
-            for y in list(view)[-max(1, k // 3) :]:
-                view[y] = -9999.0
-        views.append(view)
-    if kind == "disjoint":  # make the supports disjoint for real
-        views[1] = {y + 10 * vocab: v for y, v in views[1].items()}
-    return views[0], views[1]
 
 
 def _topk(view: dict[int, float]) -> TopK:
@@ -62,7 +31,8 @@ def test_solved_steps_equalize_the_two_kls_and_match_reference_bisection() -> No
     cases = 3000
     for i in range(cases):
         kind = KINDS[i % len(KINDS)]
-        base, teacher = _case(rng, kind)
+        base_view, teacher_view = adversarial_pair(rng, kind)
+        base, teacher = as_mapping(base_view), as_mapping(teacher_view)
         temperature = TEMPERATURES[int(rng.integers(len(TEMPERATURES)))]
         rho = None if i % 2 else 0.95
         config = MixConfig(
@@ -72,7 +42,7 @@ def test_solved_steps_equalize_the_two_kls_and_match_reference_bisection() -> No
             temperature=temperature,
         )
         hint = None if i % 3 == 0 else float(rng.uniform(0, 1))
-        m = mix(_topk(base), _topk(teacher), config, first_token=False, alpha_hint=hint)
+        m = mix(base_view, teacher_view, config, first_token=False, alpha_hint=hint)
         reasons[m.reason] += 1
         assert np.isfinite(m.q).all()
         assert not np.isnan(m.logq).any()
