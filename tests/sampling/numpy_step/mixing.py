@@ -56,23 +56,7 @@ def mix(
     first_token: bool,
     alpha_hint: float | None = None,
 ) -> Mixture:
-    """q and the §6 diagnostics for one step, without drawing (see `Mixture`).
-
-    Definitions of the reported values:
-    - `js`, `overlap_count`, `overlap_mass`: §3, on the tempered p_b, p_t over all of S.
-    - `alpha`, `reason`: §4–5; `alpha` is None exactly when `reason == "single_token"`
-      (which wins over every §5 rule: the nucleus leaves nothing to mix).
-    - `kl_gap` = |KL(q_α‖p_b) − KL(q_α‖p_t)| = |g(α)| at the α used, on the trust-region
-      support, before the request's top_p/top_k: ≤ 1e-9 when `reason == "solved"` (except
-      where float64 cannot resolve it, see `solver.solve`); for the other reasons it is the
-      same quantity at the α the rule imposed; 0 for `single_token`.
-    - `chernoff` = −log Σ p_b^(1−α) p_t^α at the α used, on the same support (0 for
-      `single_token`); it is the Chernoff information C of §5 when `reason == "solved"`.
-    - `filled_mass`: Σ of the final q over ids that at least one model did not return.
-    - `logq`/`q`: after the request's top_k then top_p (vLLM's order), renormalized.
-    - T = 0: §3–5 run at T = 1 and `greedy_token` = argmax q (ties: lowest id); `logq` is
-      that T = 1 distribution (what OpenAI-style logprobs report for greedy decoding).
-    """
+    """The same contract as `app.sampling.mix` (see its docstring), computed in numpy."""
     validate_config(config)
     b_ids, b_logprobs = _checked(base, "base")
     t_ids, t_logprobs = _checked(teacher, "teacher")
