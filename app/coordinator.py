@@ -40,24 +40,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
+from app.diagnostics import summary as diagnostics_summary
 from app.errors import (
     ContextLengthError,
     InvalidRequestError,
     UpstreamError,
     UpstreamUnavailableError,
 )
+from app.generation import (
+    MAX_LOGPROBS,
+    ChatMessage,
+    Completion,
+    DualPrompt,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationParams,
+    Observer,
+    TokenEvent,
+)
 from app.sampling import make_generators, mix_step, top_logprobs, validate_config, warm_up
-from app.sampling.types import MixConfig, SamplingError, StepResult, TopK
+from app.sampling.types import SamplingError, StepResult, TopK
 from app.settings import Settings
 from app.upstream import ModelInfo, StartupError, UpstreamClient
 
@@ -80,29 +92,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
-
 # Probe text of the start-up tokenizer check: ASCII, accents, a multi-byte symbol, CJK, digits
 # and whitespace, so two different vocabularies almost surely split it differently.
 TOKENIZER_PROBE_TEXT = "Hello, world! Héllo wörld — 123 ✓ 日本語\n  tab\tend."
-MAX_LOGPROBS = 20  # OpenAI's (and API.md's) bound on the client's `logprobs`
 
 T = TypeVar("T")
 U = TypeVar("U")
-
-
-@dataclass(frozen=True, slots=True)
-class DualPrompt:
-    """One prompt as token ids, as each model sees it (ids, never text: no re-tokenization)."""
-
-    teacher: list[int]
-    base: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str:
@@ -117,91 +112,6 @@ def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str
     return "".join(
         formats.get(m.role, settings.base_user_format).format(content=m.content) for m in messages
     )
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationParams:
-    """Everything about how to generate, independent of the wire format."""
-
-    max_tokens: int | None = 16  # None: up to the context length
-    n: int = 1
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    logprobs: int | None = None  # top-N of q per token (N <= 20), None = off
-    top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
-    mixing: MixConfig = field(default_factory=MixConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token of one choice. `text` is the text released with it: possibly ""
-    (an incomplete UTF-8 character, or text held back while it may start a stop string)."""
-
-    index: int  # choice index = prompt_index * n + sample_index (OpenAI order)
-    token_id: int
-    text: str
-    step: StepResult
-    top_logprobs: dict[int, float] | None  # top-N of log q when params.logprobs is set
-
-
-@dataclass(frozen=True, slots=True)
-class FinishEvent:
-    """The end of one choice; `text` flushes anything still held back."""
-
-    index: int
-    text: str
-    finish_reason: FinishReason
-    stop_reason: int | str | None  # stop token id, stop string, or None (EOS / length)
-    prompt_tokens: int  # the teacher prompt's length
-    completion_tokens: int
-
-
-Event = TokenEvent | FinishEvent
-
-
-def diagnostics_summary(steps: Sequence[StepResult]) -> dict[str, float | int | None]:
-    """API.md's `diagnostics.summary`: mean α over steps that have one (None if none),
-    the share of steps that fell back to the teacher because they were unstable, and the
-    number of tokens."""
-    alphas = [s.alpha for s in steps if s.alpha is not None]
-    unstable = sum(1 for s in steps if s.reason == "unstable")
-    return {
-        "alpha_mean": math.fsum(alphas) / len(alphas) if alphas else None,
-        "fallback_rate": unstable / len(steps) if steps else 0.0,
-        "tokens": len(steps),
-    }
-
-
-@dataclass(slots=True)
-class Completion:
-    """The final result of one choice (the library's and the batch job's view)."""
-
-    index: int
-    prompt_index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    stop_reason: int | str | None
-    prompt_tokens: int
-    completion_tokens: int
-    steps: list[StepResult]
-    top_logprobs: list[dict[int, float]] | None
-
-    @property
-    def summary(self) -> dict[str, float | int | None]:
-        """`diagnostics_summary(self.steps)`: alpha_mean, fallback_rate, tokens."""
-        return diagnostics_summary(self.steps)
-
-
-class Observer(Protocol):
-    """Hooks for metrics (app.metrics implements it); the coordinator never imports metrics."""
-
-    def upstream_call(self, upstream: str, seconds: float, error: str | None) -> None: ...
-
-    def step(self, result: StepResult, seconds: float) -> None: ...
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -599,10 +509,16 @@ class Coordinator:
         return self._events(plan)
 
     async def generate(
-        self, prompts: Sequence[DualPrompt], params: GenerationParams
+        self,
+        prompts: Sequence[DualPrompt],
+        params: GenerationParams,
+        *,
+        token_text: bool = False,
     ) -> list[Completion]:
-        """All choices, in index order."""
-        plan = self._plan(prompts, params, incremental=False)
+        """All choices, in index order. With `token_text`, each Completion also holds the text
+        each token released (`Completion.token_text`; the text is then detokenized as it is
+        generated, as when streaming, instead of once at the end)."""
+        plan = self._plan(prompts, params, incremental=token_text)
         n = params.n
         completions: dict[int, Completion] = {}
         texts: dict[int, list[str]] = {}
@@ -619,6 +535,7 @@ class Coordinator:
                 completion_tokens=0,
                 steps=[],
                 top_logprobs=[] if want_logprobs else None,
+                token_text=[] if token_text else None,
             )
             texts[i] = []
         async with contextlib.aclosing(self._events(plan)) as events:
@@ -630,7 +547,14 @@ class Coordinator:
                     c.steps.append(event.step)
                     if c.top_logprobs is not None and event.top_logprobs is not None:
                         c.top_logprobs.append(event.top_logprobs)
+                    if c.token_text is not None:
+                        c.token_text.append(event.text)
                 else:
+                    if c.token_text is not None and event.text:
+                        if c.token_text:
+                            c.token_text[-1] += event.text
+                        else:
+                            c.token_text.append(event.text)
                     c.finish_reason = event.finish_reason
                     c.stop_reason = event.stop_reason
                     c.completion_tokens = event.completion_tokens

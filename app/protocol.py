@@ -13,7 +13,6 @@ they never do I/O (token texts for `logprobs` are looked up by the caller and pa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import uuid
@@ -23,14 +22,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from app import coordinator as coord
+from app import generation
+from app.diagnostics import summary as diagnostics_summary
 from app.errors import InvalidRequestError
-from app.presets import MIX_OPTIONS, PRESETS, Preset
+from app.options import MIX_OPTIONS, Preset, resolve_mixing
 from app.sampling.types import MixConfig, StepResult
 from app.settings import Settings
 
 # API.md: logprobs is "top-N of q, N <= 20" (OpenAI's own cap on chat top_logprobs is 20);
 # the coordinator enforces the same bound for library callers.
-MAX_LOGPROBS = coord.MAX_LOGPROBS
+MAX_LOGPROBS = generation.MAX_LOGPROBS
 # OpenAI and vLLM >= 0.33 (VLLM_MAX_STOP_STRINGS): at most 4 stop strings.
 MAX_STOP_STRINGS = 4
 # vLLM's -inf clamp for logprobs in JSON (reference §2.2): JSON has no infinity.
@@ -78,9 +79,9 @@ class MixingOptions(OpenAIBaseModel):
             raise ValueError("speculative rounds are not available yet; only null is accepted")
         return None
 
-    def overrides(self) -> dict[str, Any]:
-        """The MixConfig fields this request sets: the preset's, then the explicit ones."""
-        values: dict[str, Any] = dict(PRESETS[self.preset]) if self.preset else {}
+    def explicit(self) -> dict[str, Any]:
+        """The MixConfig fields this request sets explicitly (the preset aside)."""
+        values: dict[str, Any] = {}
         for name in MIX_OPTIONS:
             if name in self.model_fields_set:
                 value = getattr(self, name)
@@ -186,10 +187,10 @@ class _SamplingRequest(OpenAIBaseModel):
     def mix_config(self, settings: Settings) -> MixConfig:
         """The server's defaults, then the preset, then the explicit `mixing` fields, plus the
         request's OpenAI sampling options (ALGORITHM.md §2 and §5)."""
-        values = self.mixing.overrides() if self.mixing else {}
-        return dataclasses.replace(
+        return resolve_mixing(
             settings.mixing_defaults(),
-            **values,
+            self.mixing.preset if self.mixing else None,
+            self.mixing.explicit() if self.mixing else {},
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
@@ -545,7 +546,7 @@ def _logprob(value: float) -> float:
 
 def summarize(steps: Sequence[StepResult]) -> DiagnosticsSummary:
     """The coordinator's summary (the batch job writes the same numbers)."""
-    return DiagnosticsSummary.model_validate(coord.diagnostics_summary(steps))
+    return DiagnosticsSummary.model_validate(diagnostics_summary(steps))
 
 
 def diagnostics(steps: Sequence[StepResult], *, summary: bool) -> Diagnostics:

@@ -12,6 +12,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.options import DEFAULTS
 from app.sampling.types import MixConfig
 
 
@@ -61,13 +62,14 @@ class Settings(BaseSettings):
     base_assistant_format: str = " {content}\n\n"
 
     # --- defaults of every mixing option (API.md `mixing.*`, ALGORITHM.md) ------------------
-    alpha: float | None = Field(None, ge=0.0, le=1.0)
-    force_first_token: bool = True
-    trust_region_top_p: float | None = Field(0.95, gt=0.0, le=1.0)
-    stability_check: bool = True
-    js_threshold: float = Field(0.5, ge=0.0)
-    overlap_threshold: float = Field(0.1, ge=0.0, le=1.0)
-    auto_fallback: bool = True
+    # (the values themselves are MixConfig's defaults, app/options.py)
+    alpha: float | None = Field(DEFAULTS.alpha, ge=0.0, le=1.0)
+    force_first_token: bool = DEFAULTS.force_first_token
+    trust_region_top_p: float | None = Field(DEFAULTS.trust_region_top_p, gt=0.0, le=1.0)
+    stability_check: bool = DEFAULTS.stability_check
+    js_threshold: float = Field(DEFAULTS.js_threshold, ge=0.0)
+    overlap_threshold: float = Field(DEFAULTS.overlap_threshold, ge=0.0, le=1.0)
+    auto_fallback: bool = DEFAULTS.auto_fallback
     diagnostics: bool = False
 
     @field_validator("base_url", "teacher_url", "api_keys", mode="before")

@@ -16,12 +16,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,15 +48,13 @@ from app.coordinator import (
     ChatMessage,
     Coordinator,
     DualPrompt,
-    FinishEvent,
     GenerationParams,
-    TokenEvent,
-    diagnostics_summary,
     render_base_chat,
 )
+from app.diagnostics import sample_summary, token_columns
 from app.errors import DualVLLMError, UpstreamError
-from app.presets import MIX_OPTIONS, PRESETS
-from app.sampling.types import MixConfig, SamplingError, StepResult
+from app.options import MIX_OPTIONS, PRESETS, resolve_mixing
+from app.sampling.types import SamplingError, StepResult
 from app.settings import Settings
 from app.upstream import StartupError
 
@@ -273,18 +270,6 @@ class Job:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_mixing(
-    defaults: MixConfig, preset: str | None, overrides: Mapping[str, Any], **sampling: Any
-) -> MixConfig:
-    """Server defaults, then the preset, then explicit options (API.md)."""
-    values: dict[str, Any] = {}
-    if preset is not None:
-        values.update(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if k in MIX_OPTIONS})
-    values.update(sampling)
-    return replace(defaults, **values)
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("base_url", "teacher_url", "base_model", "teacher_model", "top_k"):
@@ -392,48 +377,6 @@ class SampleOutput:
     completion_tokens: int
     steps: list[StepResult]
     token_text: list[str] | None = None
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def summarize_steps(steps: Sequence[StepResult]) -> dict[str, Any]:
-    """Per-sample summary: API.md's diagnostics.summary (the coordinator's definition:
-    `fallback_rate` is the share of steps with reason "unstable", ALGORITHM.md §5 rule 3)
-    plus the counts of each α rule and a few means."""
-    solved_gaps = [s.kl_gap for s in steps if s.reason == "solved"]
-    summary: dict[str, Any] = dict(diagnostics_summary(steps))
-    summary.update(
-        reasons=dict(Counter(s.reason for s in steps)),
-        js_mean=_mean([s.js for s in steps]),
-        overlap_mass_mean=_mean([s.overlap_mass for s in steps]),
-        chernoff_mean=_mean([s.chernoff for s in steps]),
-        kl_gap_max=max(solved_gaps) if solved_gaps else None,
-        logprob_sum=math.fsum(s.logprob for s in steps),
-    )
-    return summary
-
-
-def step_columns(steps: Sequence[StepResult], token_text: list[str] | None) -> dict[str, Any]:
-    """Per-token diagnostics, column-wise like API.md's `diagnostics`."""
-    columns: dict[str, Any] = {
-        "token_ids": [s.token_id for s in steps],
-        "logprob": [s.logprob for s in steps],
-        "alpha": [s.alpha for s in steps],
-        "reason": [s.reason for s in steps],
-        "js": [s.js for s in steps],
-        "overlap_mass": [s.overlap_mass for s in steps],
-        "overlap_count": [s.overlap_count for s in steps],
-        "kl_gap": [s.kl_gap for s in steps],
-        "chernoff": [s.chernoff for s in steps],
-        "support_size": [s.support_size for s in steps],
-        "filled_mass": [s.filled_mass for s in steps],
-    }
-    if token_text is not None:
-        columns["token_text"] = token_text
-    return columns
 
 
 def _error_record(exc: BaseException) -> dict[str, Any]:
@@ -591,46 +534,19 @@ class _Runner:
             return self._dual[row.id]
 
     async def attempt(self, dual: DualPrompt, params: GenerationParams) -> SampleOutput:
-        if not self.job.diagnostics:
-            (done,) = await self.coord.generate([dual], params)
-            return SampleOutput(
-                text=done.text,
-                token_ids=list(done.token_ids),
-                finish_reason=done.finish_reason,
-                stop_reason=done.stop_reason,
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                steps=list(done.steps),
-            )
-        # Per-token text for the report's colouring: the text each token released (a token
-        # that ends mid-character or inside a possible stop string releases "").
-        token_ids: list[int] = []
-        pieces: list[str] = []
-        steps: list[StepResult] = []
-        finish: FinishEvent | None = None
-        async for event in self.coord.stream([dual], params):
-            if isinstance(event, TokenEvent):
-                token_ids.append(event.token_id)
-                pieces.append(event.text)
-                steps.append(event.step)
-            else:
-                finish = event
-        if finish is None:
-            raise UpstreamError("the generation ended without a finish event", upstream="-")
-        if finish.text:
-            if pieces:
-                pieces[-1] += finish.text
-            else:
-                pieces.append(finish.text)
+        # With diagnostics, per-token text for the report's colouring: the text each token
+        # released (a token that ends mid-character or inside a possible stop string
+        # releases "").
+        (done,) = await self.coord.generate([dual], params, token_text=self.job.diagnostics)
         return SampleOutput(
-            text="".join(pieces),
-            token_ids=token_ids,
-            finish_reason=finish.finish_reason,
-            stop_reason=finish.stop_reason,
-            prompt_tokens=finish.prompt_tokens,
-            completion_tokens=finish.completion_tokens,
-            steps=steps,
-            token_text=pieces,
+            text=done.text,
+            token_ids=list(done.token_ids),
+            finish_reason=done.finish_reason,
+            stop_reason=done.stop_reason,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            steps=list(done.steps),
+            token_text=done.token_text,
         )
 
     async def sample(self, row: PromptRow, spec: PromptSpec, index: int) -> None:
@@ -690,9 +606,12 @@ class _Runner:
             )
         record.update(mixing=self.job.mixing_record(), sampling=self.job.sampling_record())
         if output is not None:
-            record["summary"] = summarize_steps(output.steps)
+            record["summary"] = sample_summary(output.steps)
             if self.job.diagnostics:
-                record["diagnostics"] = step_columns(output.steps, output.token_text)
+                columns: dict[str, Any] = token_columns(output.steps)
+                if output.token_text is not None:
+                    columns["token_text"] = output.token_text
+                record["diagnostics"] = columns
         else:
             record["error"] = _error_record(error) if error is not None else None
         record.update(

@@ -123,8 +123,14 @@ class ScriptedCoordinator(Coordinator):
                 raise factory()
 
     async def generate(
-        self, prompts: Sequence[DualPrompt], params: GenerationParams
+        self,
+        prompts: Sequence[DualPrompt],
+        params: GenerationParams,
+        *,
+        token_text: bool = False,
     ) -> list[Completion]:
+        if token_text:  # (the parameter hides this module's token_text() here)
+            return [await self._fold(prompts, params)]
         self.calls["generate"] += 1
         (dual,) = prompts
         self._maybe_fail(dual)
@@ -134,7 +140,7 @@ class ScriptedCoordinator(Coordinator):
             Completion(
                 index=0,
                 prompt_index=0,
-                text="".join(token_text(i) for i in ids),
+                text="".join(_token_text(i) for i in ids),
                 token_ids=ids,
                 finish_reason="stop",
                 stop_reason=None,
@@ -159,6 +165,33 @@ class ScriptedCoordinator(Coordinator):
             0, token_text(steps[0].token_id), "length", None, len(dual.teacher), len(steps)
         )
 
+    async def _fold(self, prompts: Sequence[DualPrompt], params: GenerationParams) -> Completion:
+        """`generate(token_text=True)`: the scripted events folded as the Coordinator does."""
+        (dual,) = prompts
+        ids: list[int] = []
+        pieces: list[str] = []
+        steps: list[StepResult] = []
+        async for event in self.stream(prompts, params):
+            if isinstance(event, TokenEvent):
+                ids.append(event.token_id)
+                pieces.append(event.text)
+                steps.append(event.step)
+            elif event.text:
+                pieces[-1] += event.text
+        return Completion(
+            index=0,
+            prompt_index=0,
+            text="".join(pieces),
+            token_ids=ids,
+            finish_reason="length",
+            stop_reason=None,
+            prompt_tokens=len(dual.teacher),
+            completion_tokens=len(ids),
+            steps=steps,
+            top_logprobs=None,
+            token_text=pieces,
+        )
+
     def stream(
         self, prompts: Sequence[DualPrompt], params: GenerationParams
     ) -> AsyncGenerator[Event, None]:
@@ -177,3 +210,6 @@ def parse_job(*argv: str) -> tuple[Job, Settings, argparse.Namespace]:
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+_token_text = token_text

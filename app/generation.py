@@ -1,0 +1,112 @@
+"""What one generation is asked and what it gives back: the engine's plain data.
+
+Prompts as token ids (`DualPrompt`), chat messages, the request's parameters
+(`GenerationParams`), the events a running request emits (`TokenEvent`, `FinishEvent`) and the
+folded result of one choice (`Completion`). No I/O and no HTTP types: the HTTP layer, the batch
+job and library users all speak these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from app.diagnostics import summary
+from app.sampling.types import MixConfig, StepResult
+
+FinishReason = Literal["stop", "length"]
+
+# OpenAI's (and the API's) bound on the client's `logprobs`: top-N of q, N <= 20.
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DualPrompt:
+    """One prompt as token ids, as each model sees it (ids, never text: no re-tokenization)."""
+
+    teacher: list[int]
+    base: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Everything about how to generate, independent of the wire format."""
+
+    max_tokens: int | None = 16  # None: up to the context length
+    n: int = 1
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N of q per token (N <= 20), None = off
+    top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
+    mixing: MixConfig = field(default_factory=MixConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token of one choice. `text` is the text released with it: possibly ""
+    (an incomplete UTF-8 character, or text held back while it may start a stop string)."""
+
+    index: int  # choice index = prompt_index * n + sample_index (OpenAI order)
+    token_id: int
+    text: str
+    step: StepResult
+    top_logprobs: dict[int, float] | None  # top-N of log q when params.logprobs is set
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    """The end of one choice; `text` flushes anything still held back."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    stop_reason: int | str | None  # stop token id, stop string, or None (EOS / length)
+    prompt_tokens: int  # the teacher prompt's length
+    completion_tokens: int
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass(slots=True)
+class Completion:
+    """The final result of one choice (the library's and the batch job's view).
+
+    `token_text` is set when asked for (`Coordinator.generate(..., token_text=True)`): the text
+    each token released, the finish flush added to the last one, so `"".join(token_text) ==
+    text`; a token that ends mid-character or inside a possible stop string released ""."""
+
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stop_reason: int | str | None
+    prompt_tokens: int
+    completion_tokens: int
+    steps: list[StepResult]
+    top_logprobs: list[dict[int, float]] | None
+    token_text: list[str] | None = None
+
+    @property
+    def summary(self) -> dict[str, float | int | None]:
+        """`app.diagnostics.summary(self.steps)`: alpha_mean, fallback_rate, tokens."""
+        return summary(self.steps)
+
+
+class Observer(Protocol):
+    """Hooks for metrics (app.metrics implements it); the engine never imports metrics."""
+
+    def upstream_call(self, upstream: str, seconds: float, error: str | None) -> None: ...
+
+    def step(self, result: StepResult, seconds: float) -> None: ...
