@@ -11,9 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Request
@@ -27,10 +26,10 @@ from app.coordinator import (
     DualPrompt,
     Event,
     GenerationParams,
-    task_group,
 )
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
 from app.settings import Settings
+from app.streaming import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +42,12 @@ ENDPOINTS: dict[str, str] = {
 }
 
 
-class Detokenizer(Protocol):
-    async def detokenize(self, ids: Sequence[int]) -> str: ...
-
-
 class Backend(Protocol):
     """What the handlers need of app.coordinator.Coordinator (tests may pass a stand-in)."""
 
     @property
-    def teacher(self) -> Detokenizer:
-        """The teacher's upstream client: token texts for `logprobs` come from it."""
+    def token_texts(self) -> TokenTexts:
+        """Token id -> text for `logprobs` (app.pair.TokenTextCache)."""
 
     async def ready(self) -> bool: ...
 
@@ -92,39 +87,6 @@ class HTTPObserver(Protocol):
     def render(self) -> tuple[bytes, str]: ...
 
 
-class TokenTextCache:
-    """Token id -> its text, for the `tokens` / `top_logprobs` keys of `logprobs`.
-
-    Texts come from the teacher's /detokenize of the single id (the gateway has no tokenizer).
-    The vocabulary is fixed, so a bounded LRU makes this a one-time cost per id."""
-
-    def __init__(self, source: Detokenizer, *, size: int = 65536, concurrency: int = 8) -> None:
-        self._source = source
-        self._size = size
-        self._texts: OrderedDict[int, str] = OrderedDict()
-        self._limit = asyncio.Semaphore(concurrency)
-
-    async def _one(self, token_id: int) -> None:
-        async with self._limit:
-            text = await self._source.detokenize([token_id])
-        self._texts[token_id] = text
-        while len(self._texts) > self._size:
-            self._texts.popitem(last=False)
-
-    async def __call__(self, ids: Sequence[int]) -> Mapping[int, str]:
-        missing = sorted({i for i in ids if i not in self._texts})
-        if missing:
-            async with task_group() as group:
-                for token_id in missing:
-                    group.create_task(self._one(token_id))
-        out: dict[int, str] = {}
-        for token_id in ids:
-            if token_id in self._texts:
-                self._texts.move_to_end(token_id)
-                out[token_id] = self._texts[token_id]
-        return out
-
-
 @dataclass(slots=True)
 class Gateway:
     """Everything the handlers share; built by app/main.py's lifespan (app.state.gateway)."""
@@ -132,10 +94,10 @@ class Gateway:
     settings: Settings
     backend: Backend
     metrics: HTTPObserver
-    token_texts: TokenTextCache = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.token_texts = TokenTextCache(self.backend.teacher)
+    @property
+    def token_texts(self) -> TokenTexts:
+        return self.backend.token_texts
 
 
 def gateway(request: Request) -> Gateway:

@@ -1,7 +1,7 @@
 """One vLLM upstream (a model, possibly on several replicas) behind one pooled httpx client.
 
 Everything the gateway asks of vLLM goes through `UpstreamClient`: the per-step next-token
-top-K probe (../shared/reference/vllm-api.md §9), model discovery (`/v1/models`), tokenization
+top-K probe (docs/VLLM_API.md), model discovery (`/v1/models`), tokenization
 of text and of chat messages (`/tokenize`, so the gateway needs no model files),
 detokenization (`/detokenize`) and `/tokenizer_info`. Failures become the typed errors of
 app/errors.py:
@@ -41,8 +41,6 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from app.sampling import TopK, topk_from_mapping
-from app.sampling.types import SamplingError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,8 +101,9 @@ def _upstream_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def parse_top_logprobs(body: Any, *, upstream: str) -> TopK:
-    """The first generated position's `{"token_id:123": lp}` of a completions body -> TopK.
+def parse_top_logprobs(body: Any, *, upstream: str) -> dict[int, float]:
+    """The first generated position's `{"token_id:123": lp}` of a completions body, as
+    `{123: lp}` (plain data: app/pair.py turns it into the math's `TopK`).
 
     Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
     ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
@@ -153,12 +152,7 @@ def parse_top_logprobs(body: Any, *, upstream: str) -> TopK:
         raise UpstreamError(
             f"{upstream} upstream returned no usable top_logprobs", upstream=upstream
         )
-    try:
-        return topk_from_mapping(mapping)
-    except SamplingError as exc:
-        raise UpstreamError(
-            f"{upstream} upstream returned unusable logprobs: {exc}", upstream=upstream
-        ) from exc
+    return mapping
 
 
 class UpstreamClient:
@@ -363,8 +357,8 @@ class UpstreamClient:
         }
         return self._with_model(body)
 
-    async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> TopK:
-        """The next-token top-K (K or K+1 entries) after `prompt`, keyed by token id.
+    async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> dict[int, float]:
+        """The next-token top-K (K or K+1 entries) after `prompt`: `{token_id: logprob}`.
 
         A K above the upstream's --max-logprobs comes from the client's `mixing.top_k` (the
         configured K was checked at start-up): that 400 names the client's parameter, not
@@ -382,7 +376,7 @@ class UpstreamClient:
                 param="mixing.top_k",
             ) from exc
 
-    async def _topk(self, prompt: Sequence[int], k: int, affinity: int) -> TopK:
+    async def _topk(self, prompt: Sequence[int], k: int, affinity: int) -> dict[int, float]:
         response = await self._request(
             "POST", "/v1/completions", json=self.probe_body(prompt, k), affinity=affinity
         )

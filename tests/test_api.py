@@ -23,7 +23,7 @@ from app.coordinator import Completion, DualPrompt, Event, GenerationParams
 from app.errors import UpstreamUnavailableError
 from app.main import create_app
 from app.metrics import Metrics
-from app.routes import TokenTextCache
+from app.pair import TokenTextCache
 from app.settings import Settings
 from tests.fakes.vllm import (
     BASE_URL,
@@ -518,7 +518,7 @@ async def test_an_upstream_dying_mid_stream_sends_one_error_frame_then_done(
 class _Exploding:
     """A backend whose generation fails with a bug (not an app error)."""
 
-    teacher: Any = None
+    token_texts: Any = None
 
     async def ready(self) -> bool:
         return False

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import respx
 
@@ -121,15 +120,13 @@ async def test_topk_parses_ids_and_keeps_k_plus_one(
     top = {"token_id:900": -7.5, "token_id:5": -0.1, "token_id:17": -2.5, "token_id:3": -9999.0}
     mock.post(COMPLETIONS).respond(json=completion(top))
     result = await client.topk([1], 3)
-    pairs = dict(zip(result.ids.tolist(), result.logprobs.tolist(), strict=True))
-    assert pairs == {900: -7.5, 5: -0.1, 17: -2.5, 3: -9999.0}
-    assert result.ids.dtype == np.int64
+    assert result == {900: -7.5, 5: -0.1, 17: -2.5, 3: -9999.0}
 
 
 async def test_null_values_are_dropped(mock: respx.MockRouter, client: UpstreamClient) -> None:
     mock.post(COMPLETIONS).respond(json=completion({"token_id:5": -0.1, "token_id:6": None}))
     result = await client.topk([1], 2)
-    assert result.ids.tolist() == [5]
+    assert list(result) == [5]
 
 
 @pytest.mark.parametrize(
@@ -142,7 +139,6 @@ async def test_null_values_are_dropped(mock: respx.MockRouter, client: UpstreamC
         ({"token_id:abc": -0.1}, "bad token key"),
         ({"token_id:5": "x"}, "non-numeric"),
         ({"token_id:5": True}, "non-numeric"),
-        ({"token_id:5": 0.5}, "unusable logprobs"),
         ([1, 2], "malformed top_logprobs"),
     ],
 )
@@ -205,7 +201,7 @@ async def test_connect_timeout_is_unavailable_and_retried(
     ok = httpx.Response(200, json=completion({"token_id:5": -0.1}))
     route = mock.post(COMPLETIONS).mock(side_effect=[httpx.ConnectTimeout("syn"), ok])
     result = await client.topk([1], 2)
-    assert result.ids.tolist() == [5]
+    assert list(result) == [5]
     assert route.call_count == 2
 
 
@@ -216,7 +212,7 @@ async def test_503_is_retried_until_success(
     busy = vllm_error(503, "engine busy")
     route = mock.post(COMPLETIONS).mock(side_effect=[busy, busy, ok])
     result = await client.topk([1], 2)
-    assert result.ids.tolist() == [5]
+    assert list(result) == [5]
     assert route.call_count == 3
     assert recorder.calls == [("teacher", "unavailable")] * 2 + [("teacher", None)]
 

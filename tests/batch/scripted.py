@@ -78,10 +78,14 @@ class ScriptedCoordinator(Coordinator):
         self.failures = failures if failures is not None else {}
         self.calls = calls if calls is not None else Counter()
         self._texts: dict[tuple[int, ...], str] = {}
-        self.models = {
+        self._models = {
             "base": ModelInfo("scripted-base", 4096),
             "teacher": ModelInfo("scripted-teacher", 4096),
         }
+
+    @property
+    def models(self) -> dict[str, ModelInfo]:
+        return self._models
 
     async def __aenter__(self) -> ScriptedCoordinator:
         self.calls["enter"] += 1

@@ -1,0 +1,224 @@
+"""The two upstreams as one: both clients, the start-up checks, the EOS ids, readiness, the
+per-step probe and the cached token texts.
+
+`UpstreamPair` owns the base and teacher `UpstreamClient`s (app/upstream.py, which speaks HTTP
+and returns plain data); this module builds the math's input types from that data (`TopK`,
+app/sampling), so the HTTP client never depends on the math.
+
+Start-up refuses to serve (StartupError, naming the upstream and the fix) when an upstream does
+not answer, when the two tokenizers split a probe text differently (token-id mixing needs one
+tokenizer), when K is above an upstream's --max-logprobs, or when no EOS id can be found.
+
+EOS ids: `Settings.eos_token_ids` if set; else the teacher's `GET /tokenizer_info` (vLLM with
+`--enable-tokenizer-info-endpoint`) gives `eos_token`, which the teacher's `/tokenize`
+(without special tokens) turns into its id; else a StartupError says to set
+DUAL_VLLM_EOS_TOKEN_IDS or enable that endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import httpx
+
+from app.errors import UpstreamError, UpstreamUnavailableError
+from app.generation import Observer
+from app.sampling import topk_from_mapping
+from app.sampling.types import SamplingError, TopK
+from app.settings import Settings
+from app.tasks import both, task_group
+from app.upstream import ModelInfo, StartupError, UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# Probe text of the start-up tokenizer check: ASCII, accents, a multi-byte symbol, CJK, digits
+# and whitespace, so two different vocabularies almost surely split it differently.
+TOKENIZER_PROBE_TEXT = "Hello, world! Héllo wörld — 123 ✓ 日本語\n  tab\tend."
+
+
+class Detokenizer(Protocol):
+    async def detokenize(self, ids: Sequence[int]) -> str: ...
+
+
+class TokenTextCache:
+    """Token id -> its text, for the `tokens` / `top_logprobs` keys of `logprobs`.
+
+    Texts come from the teacher's /detokenize of the single id (the gateway has no tokenizer).
+    The vocabulary is fixed, so a bounded LRU makes this a one-time cost per id."""
+
+    def __init__(self, source: Detokenizer, *, size: int = 65536, concurrency: int = 8) -> None:
+        self._source = source
+        self._size = size
+        self._texts: OrderedDict[int, str] = OrderedDict()
+        self._limit = asyncio.Semaphore(concurrency)
+
+    async def _one(self, token_id: int) -> None:
+        async with self._limit:
+            text = await self._source.detokenize([token_id])
+        self._texts[token_id] = text
+        while len(self._texts) > self._size:
+            self._texts.popitem(last=False)
+
+    async def __call__(self, ids: Sequence[int]) -> Mapping[int, str]:
+        missing = sorted({i for i in ids if i not in self._texts})
+        if missing:
+            async with task_group() as group:
+                for token_id in missing:
+                    group.create_task(self._one(token_id))
+        out: dict[int, str] = {}
+        for token_id in ids:
+            if token_id in self._texts:
+                self._texts.move_to_end(token_id)
+                out[token_id] = self._texts[token_id]
+        return out
+
+
+def to_topk(mapping: Mapping[int, float], upstream: str) -> TopK:
+    """An upstream's `{token_id: logprob}` as the math's validated `TopK`; what the math
+    cannot use (a logprob above 0, NaN, ...) is a bad upstream answer (502)."""
+    try:
+        return topk_from_mapping(mapping)
+    except SamplingError as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned unusable logprobs: {exc}", upstream=upstream
+        ) from exc
+
+
+class UpstreamPair:
+    """The base and teacher upstreams; `await start()` runs the start-up checks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        observer: Observer | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.base = UpstreamClient(
+            "base",
+            settings.base_url,
+            settings,
+            model=settings.base_model,
+            transport=transport,
+            observer=observer,
+        )
+        self.teacher = UpstreamClient(
+            "teacher",
+            settings.teacher_url,
+            settings,
+            model=settings.teacher_model,
+            transport=transport,
+            observer=observer,
+        )
+        self.models: dict[str, ModelInfo] = {}
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.token_texts = TokenTextCache(self.teacher)
+
+    async def start(self) -> None:
+        """Open both clients and run the start-up checks; a failure closes them and raises
+        StartupError (the message names the upstream and the fix)."""
+        await self.base.start()
+        await self.teacher.start()
+        try:
+            await self._startup_checks()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await self.base.aclose()
+        await self.teacher.aclose()
+
+    async def _startup_checks(self) -> None:
+        try:
+            base_info, teacher_info = await both(self.base.discover(), self.teacher.discover())
+            self.models = {"base": base_info, "teacher": teacher_info}
+            base_ids, teacher_ids = await both(
+                self.base.tokenize(TOKENIZER_PROBE_TEXT, add_special_tokens=False),
+                self.teacher.tokenize(TOKENIZER_PROBE_TEXT, add_special_tokens=False),
+            )
+            if base_ids != teacher_ids:
+                at = next(
+                    (
+                        i
+                        for i, (x, y) in enumerate(zip(base_ids, teacher_ids, strict=False))
+                        if x != y
+                    ),
+                    min(len(base_ids), len(teacher_ids)),
+                )
+                raise StartupError(
+                    f"the base ({base_info.name}) and teacher ({teacher_info.name}) tokenizers "
+                    f"disagree on the probe text {TOKENIZER_PROBE_TEXT!r} (first difference at "
+                    f"token {at}: {base_ids[at : at + 3]} vs {teacher_ids[at : at + 3]}); "
+                    "token-id mixing needs two models with the same tokenizer"
+                )
+            k = self.settings.top_k
+            probe = base_ids[:4]  # short: fits any context length
+            await both(self.base.check_logprobs(probe, k), self.teacher.check_logprobs(probe, k))
+            self.eos_token_ids = await self._eos_ids()
+        except UpstreamError as exc:
+            client = self.base if exc.upstream == "base" else self.teacher
+            hint = ""
+            if isinstance(exc, UpstreamUnavailableError):
+                hint = f"; is vLLM running there? (DUAL_VLLM_{client.name.upper()}_URL)"
+            raise StartupError(
+                f"{client.name} upstream ({', '.join(client.urls)}) failed the start-up "
+                f"checks: {exc.message}{hint}"
+            ) from exc
+        log.info(
+            "upstreams ready: base %s (max_model_len %d), teacher %s (max_model_len %d), "
+            "K=%d, EOS ids %s",
+            self.models["base"].name,
+            self.models["base"].max_model_len,
+            self.models["teacher"].name,
+            self.models["teacher"].max_model_len,
+            self.settings.top_k,
+            sorted(self.eos_token_ids),
+        )
+
+    async def _eos_ids(self) -> frozenset[int]:
+        if self.settings.eos_token_ids:
+            return frozenset(self.settings.eos_token_ids)
+        info = await self.teacher.tokenizer_info()
+        eos = info.get("eos_token") if info else None
+        if isinstance(eos, dict):  # some tokenizers serialise AddedToken objects
+            eos = eos.get("content")
+        if not isinstance(eos, str) or not eos:
+            raise StartupError(
+                "cannot find the teacher's EOS token id: its /tokenizer_info endpoint is "
+                + ("missing" if info is None else "without eos_token")
+                + "; set DUAL_VLLM_EOS_TOKEN_IDS (comma-separated ids) or start the teacher "
+                "vLLM with --enable-tokenizer-info-endpoint"
+            )
+        ids = await self.teacher.tokenize(eos, add_special_tokens=False)
+        if len(ids) != 1:
+            raise StartupError(
+                f"the teacher's eos_token {eos!r} tokenizes to {ids}, not one id; set "
+                "DUAL_VLLM_EOS_TOKEN_IDS"
+            )
+        return frozenset(ids)
+
+    async def ready(self) -> bool:
+        """Both upstreams answer (for GET /ready)."""
+        base_ok, teacher_ok = await both(self.base.health(), self.teacher.health())
+        return base_ok and teacher_ok
+
+    async def probe(
+        self, base_ctx: Sequence[int], teacher_ctx: Sequence[int], k: int, affinity: int
+    ) -> tuple[TopK, TopK]:
+        """Both upstreams' next-token top-K of their own context, in parallel (a failure
+        cancels the sibling call)."""
+        base, teacher = await both(
+            self.base.topk(base_ctx, k, affinity=affinity),
+            self.teacher.topk(teacher_ctx, k, affinity=affinity),
+        )
+        return to_topk(base, "base"), to_topk(teacher, "teacher")
+
+    async def detokenize(self, ids: Sequence[int], *, affinity: int = 0) -> str:
+        """The teacher's text of `ids` (the gateway's output text)."""
+        return await self.teacher.detokenize(ids, affinity=affinity)

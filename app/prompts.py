@@ -1,0 +1,117 @@
+"""Prompts as both models see them: the OpenAI prompt union tokenized on each upstream, the
+teacher's chat template (applied by the teacher's server) and the base model's plain rendering
+of chat messages (`Settings.base_*_format`). Ids pass through untouched (no re-tokenization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.errors import InvalidRequestError
+from app.generation import ChatMessage, DualPrompt
+from app.pair import UpstreamPair
+from app.plan import check_ids
+from app.settings import Settings
+from app.tasks import both, task_group
+from app.upstream import UpstreamClient
+
+PromptInput = str | list[int] | list[str] | list[list[int]]
+
+
+def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str:
+    """The base model's plain rendering of chat messages (Settings.base_*_format); the batch
+    job renders its datasets' conversations with it too."""
+    formats = {
+        "system": settings.base_system_format,
+        "developer": settings.base_system_format,
+        "user": settings.base_user_format,
+        "assistant": settings.base_assistant_format,
+    }
+    return "".join(
+        formats.get(m.role, settings.base_user_format).format(content=m.content) for m in messages
+    )
+
+
+class PromptBuilder:
+    """Builds `DualPrompt`s with the pair's tokenizers (the upstreams' /tokenize)."""
+
+    def __init__(self, pair: UpstreamPair) -> None:
+        self.pair = pair
+
+    async def completion_prompts(
+        self,
+        prompt: PromptInput,
+        base_prompt: PromptInput | None = None,
+    ) -> list[DualPrompt]:
+        """Tokenize text prompts on each upstream (ids pass through)."""
+        teachers = self._prompt_list(prompt, "prompt")
+        bases = teachers if base_prompt is None else self._prompt_list(base_prompt, "base_prompt")
+        if len(bases) != len(teachers):
+            raise InvalidRequestError(
+                f"base_prompt has {len(bases)} prompts but prompt has {len(teachers)}",
+                param="base_prompt",
+            )
+
+        async def ids(client: UpstreamClient, item: str | list[int], param: str) -> list[int]:
+            if isinstance(item, str):
+                if not item:
+                    raise InvalidRequestError("the prompt is empty", param=param)
+                return await client.tokenize(item, add_special_tokens=True)
+            return check_ids(item, param)
+
+        base_param = "prompt" if base_prompt is None else "base_prompt"
+        async with task_group() as group:
+            teacher_tasks = [
+                group.create_task(ids(self.pair.teacher, p, "prompt")) for p in teachers
+            ]
+            base_tasks = [group.create_task(ids(self.pair.base, p, base_param)) for p in bases]
+        return [
+            DualPrompt(teacher=t.result(), base=b.result())
+            for t, b in zip(teacher_tasks, base_tasks, strict=True)
+        ]
+
+    @staticmethod
+    def _prompt_list(prompt: PromptInput, param: str) -> list[str | list[int]]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise InvalidRequestError(f"{param} must not be empty", param=param)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [[int(p) for p in prompt]]  # type: ignore[arg-type]
+        if all(isinstance(p, str) for p in prompt):
+            return [str(p) for p in prompt]
+        if all(isinstance(p, list) for p in prompt):
+            return [list(p) for p in prompt]  # type: ignore[arg-type]
+        raise InvalidRequestError(
+            f"{param} must be a string, a list of token ids, or a list of either", param=param
+        )
+
+    async def chat_prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        base_messages: Sequence[ChatMessage] | None = None,
+        base_prompt: str | list[int] | None = None,
+    ) -> DualPrompt:
+        """Teacher: its own chat template (upstream /tokenize with messages). Base:
+        base_prompt, else base_messages or messages rendered with the plain template."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+
+        async def base_ids() -> list[int]:
+            if isinstance(base_prompt, list):
+                return check_ids(base_prompt, "base_prompt")
+            if isinstance(base_prompt, str):
+                text = base_prompt
+            else:
+                text = render_base_chat(self.pair.settings, base_messages or messages)
+            if not text:
+                raise InvalidRequestError("the base prompt is empty", param="base_prompt")
+            return await self.pair.base.tokenize(text, add_special_tokens=True)
+
+        teacher, base = await both(
+            self.pair.teacher.tokenize_chat(
+                [{"role": m.role, "content": m.content} for m in messages]
+            ),
+            base_ids(),
+        )
+        return DualPrompt(teacher=teacher, base=base)
