@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -52,6 +52,7 @@ from app.generation import (
     GenerationParams,
     Observer,
     TokenEvent,
+    fold,
 )
 from app.pair import UpstreamPair
 from app.plan import Plan, check_request, make_plan
@@ -107,56 +108,6 @@ class _Sequence:
     text_ids: list[int] = field(default_factory=list)  # generated ids that contribute text
     last_text: str = ""  # their text as last detokenized (incremental only; cut at a stop)
     alpha: float | None = None  # the last step's α: the solver's warm start
-
-
-async def fold(
-    events: AsyncIterable[Event],
-    prompts: Sequence[DualPrompt],
-    params: GenerationParams,
-    *,
-    token_text: bool = False,
-) -> list[Completion]:
-    """One `Completion` per choice from a request's events, in index order."""
-    n = params.n
-    completions = [
-        Completion(
-            index=i,
-            prompt_index=i // n,
-            text="",
-            token_ids=[],
-            finish_reason="length",
-            stop_reason=None,
-            prompt_tokens=len(prompts[i // n].teacher),
-            completion_tokens=0,
-            steps=[],
-            top_logprobs=[] if params.logprobs is not None else None,
-            token_text=[] if token_text else None,
-        )
-        for i in range(len(prompts) * n)
-    ]
-    texts: list[list[str]] = [[] for _ in completions]
-    async for event in events:
-        c = completions[event.index]
-        texts[event.index].append(event.text)
-        if isinstance(event, TokenEvent):
-            c.token_ids.append(event.token_id)
-            c.steps.append(event.step)
-            if c.top_logprobs is not None and event.top_logprobs is not None:
-                c.top_logprobs.append(event.top_logprobs)
-            if c.token_text is not None:
-                c.token_text.append(event.text)
-            continue
-        if c.token_text is not None and event.text:
-            if c.token_text:
-                c.token_text[-1] += event.text
-            else:
-                c.token_text.append(event.text)
-        c.finish_reason = event.finish_reason
-        c.stop_reason = event.stop_reason
-        c.completion_tokens = event.completion_tokens
-    for c, parts in zip(completions, texts, strict=True):
-        c.text = "".join(parts)
-    return completions
 
 
 class Coordinator:
@@ -333,7 +284,7 @@ class Coordinator:
     async def _step(self, plan: Plan, seq: _Sequence) -> list[StepResult]:
         """One step of one sequence: both upstreams' top-K in parallel, then the math.
 
-        Returns the tokens it produced (one today; a speculative round of ALGORITHM.md §8 or a
+        Returns the tokens it produced (one today; a speculative round of docs/ALGORITHM.md §8 or a
         certified-support refetch of §9 would grow here, returning several or recomputing).
         """
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Every error the gateway returns, as JSON or as an SSE error frame, goes through `error_body`
 so status, OpenAI `type` and `code` never drift apart (OpenAI error shape:
-`{"error": {"message", "type", "param", "code"}}`, ../shared/reference/vllm-api.md §4.2).
+`{"error": {"message", "type", "param", "code"}}`, docs/VLLM_API.md §4.2).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class ErrorKind:
     code: str | None
 
 
-# The table. Status codes follow API.md: 4xx for the client's mistakes, 502/503/504 upstream.
+# The table. Status codes follow README.md: 4xx for the client's mistakes, 502/503/504 upstream.
 INVALID_REQUEST = ErrorKind(400, "invalid_request_error", None)
 CONTEXT_LENGTH = ErrorKind(400, "invalid_request_error", "context_length_exceeded")
 AUTHENTICATION = ErrorKind(401, "authentication_error", "invalid_api_key")

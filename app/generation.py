@@ -8,7 +8,7 @@ job and library users all speak these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -110,3 +110,53 @@ class Observer(Protocol):
     def upstream_call(self, upstream: str, seconds: float, error: str | None) -> None: ...
 
     def step(self, result: StepResult, seconds: float) -> None: ...
+
+
+async def fold(
+    events: AsyncIterable[Event],
+    prompts: Sequence[DualPrompt],
+    params: GenerationParams,
+    *,
+    token_text: bool = False,
+) -> list[Completion]:
+    """One `Completion` per choice from a request's events, in index order."""
+    n = params.n
+    completions = [
+        Completion(
+            index=i,
+            prompt_index=i // n,
+            text="",
+            token_ids=[],
+            finish_reason="length",
+            stop_reason=None,
+            prompt_tokens=len(prompts[i // n].teacher),
+            completion_tokens=0,
+            steps=[],
+            top_logprobs=[] if params.logprobs is not None else None,
+            token_text=[] if token_text else None,
+        )
+        for i in range(len(prompts) * n)
+    ]
+    texts: list[list[str]] = [[] for _ in completions]
+    async for event in events:
+        c = completions[event.index]
+        texts[event.index].append(event.text)
+        if isinstance(event, TokenEvent):
+            c.token_ids.append(event.token_id)
+            c.steps.append(event.step)
+            if c.top_logprobs is not None and event.top_logprobs is not None:
+                c.top_logprobs.append(event.top_logprobs)
+            if c.token_text is not None:
+                c.token_text.append(event.text)
+            continue
+        if c.token_text is not None and event.text:
+            if c.token_text:
+                c.token_text[-1] += event.text
+            else:
+                c.token_text.append(event.text)
+        c.finish_reason = event.finish_reason
+        c.stop_reason = event.stop_reason
+        c.completion_tokens = event.completion_tokens
+    for c, parts in zip(completions, texts, strict=True):
+        c.text = "".join(parts)
+    return completions

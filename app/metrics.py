@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the gateway, on its own CollectorRegistry (STYLE.md "Metric names").
+"""Every Prometheus metric of the gateway, on its own CollectorRegistry (docs/ARCHITECTURE.md).
 
 One prefix (`dual_vllm_`), `_total` on counters, base units (`_seconds`), no colons (Prometheus
 keeps those for recording rules, see deploy/prometheus/rules.yml), and only small fixed label
@@ -58,7 +58,7 @@ _ERROR_CLASS_KINDS: Final = {
 }
 
 # Buckets chosen for the data they hold.
-# α ∈ [0, 1] (ALGORITHM.md §5): even steps of 0.05; forced/fallback steps land exactly on 1.0.
+# α ∈ [0, 1] (docs/ALGORITHM.md §5): even steps of 0.05; forced/fallback steps land exactly on 1.0.
 ALPHA_BUCKETS: Final = tuple(round(i * 0.05, 2) for i in range(21))
 # JS ∈ [0, ln 2] (§3): log-spaced near 0 where similar models live, then linear to ln 2.
 JS_BUCKETS: Final = (
@@ -233,7 +233,7 @@ class Metrics:
             registry=reg,
         )
 
-        # --- the mixing (ALGORITHM.md §6) ------------------------------------------------
+        # --- the mixing (docs/ALGORITHM.md §6) ------------------------------------------------
         self._tokens = Counter(
             _name("generated_tokens"),
             "Tokens generated (one per mixing step).",
@@ -289,7 +289,7 @@ class Metrics:
         )
         self._uncertain = Histogram(
             _name("uncertain_mass"),
-            "Bound on q's mass outside the known support (ALGORITHM.md §9; once it exists).",
+            "Bound on q's mass outside the known support (docs/ALGORITHM.md §9; once it exists).",
             buckets=MASS_BUCKETS,
             registry=reg,
         )
@@ -326,7 +326,7 @@ class Metrics:
         _observe(self._js, result.js)
         _observe(self._overlap, result.overlap_mass)
         if result.reason == "solved":
-            # Other reasons set α by rule; their gap is not a solver error (ALGORITHM.md §5).
+            # Other reasons set α by rule; their gap is not a solver error (docs/ALGORITHM.md §5).
             _observe(self._kl_gap, abs(result.kl_gap))
         if result.reason != "single_token":
             _observe(self._chernoff, result.chernoff)

@@ -1,6 +1,6 @@
 """`dual-vllm serve`: the gateway on uvicorn (one worker).
 
-Settings come from the environment (`DUAL_VLLM_*`, ../shared/API.md) and `--host` / `--port`.
+Settings come from the environment (`DUAL_VLLM_*`, README.md) and `--host` / `--port`.
 The coordinator is entered (both upstreams reached, start-up checks run) BEFORE uvicorn
 starts, so a bad setting, an unreachable upstream or a taken port ends the command with one
 clear line on stderr and a non-zero status, not a traceback.

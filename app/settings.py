@@ -1,7 +1,7 @@
-"""All configuration, from environment variables prefixed ``DUAL_VLLM_`` (see ../shared/API.md).
+"""All configuration, from environment variables prefixed ``DUAL_VLLM_`` (see README.md).
 
 One class, validated once at start. The mixing defaults are flat fields (``DUAL_VLLM_ALPHA``,
-``DUAL_VLLM_TRUST_REGION_TOP_P``, ...) because API.md names them that way; ``mixing_defaults()``
+``DUAL_VLLM_TRUST_REGION_TOP_P``, ...) because README.md names them that way; ``mixing_defaults()``
 groups them for the math.
 """
 
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     base_user_format: str = "Question: {content}\nAnswer:"
     base_assistant_format: str = " {content}\n\n"
 
-    # --- defaults of every mixing option (API.md `mixing.*`, ALGORITHM.md) ------------------
+    # --- defaults of every mixing option (README.md `mixing.*`, docs/ALGORITHM.md) ---------
     # (the values themselves are MixConfig's defaults, app/options.py)
     alpha: float | None = Field(DEFAULTS.alpha, ge=0.0, le=1.0)
     force_first_token: bool = DEFAULTS.force_first_token

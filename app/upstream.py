@@ -106,7 +106,7 @@ def parse_top_logprobs(body: Any, *, upstream: str) -> dict[int, float]:
     `{123: lp}` (plain data: app/pair.py turns it into the math's `TopK`).
 
     Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
-    ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
+    docs/ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
     position, a text key or a non-number value is a malformed body.
     """
     try:
@@ -189,8 +189,8 @@ class UpstreamClient:
         if self._client is not None:
             return
         s = self._settings
-        # Explicit limits and timeouts (STYLE.md: no unlimited pools, no timeout=None). The
-        # read timeout bounds one probe; pool waits are bounded by the same read timeout.
+        # Explicit limits and timeouts (no unlimited pools, no timeout=None). The read timeout
+        # bounds one probe; pool waits are bounded by the same read timeout.
         timeout = httpx.Timeout(
             connect=s.upstream_connect_timeout,
             read=s.upstream_read_timeout,

@@ -75,7 +75,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         httpx.AsyncClient(timeout=timeout) as client,
     ):
         prompt = await coord.chat_prompt(PROMPT)
-        # Warm-up: both servers' first requests are slow (REAL_VLLM.md).
+        # Warm-up: both servers' first requests are slow (docs/LOCAL_VLLM.md).
         await coordinator_run(coord, prompt, 4, 1, stream=False)
         await teacher_run(client, args.teacher_url, prompt, 4, 1)
         for concurrency in args.concurrency:

@@ -52,7 +52,7 @@ def make_steps(k: int, steps: int, seed: int) -> list[tuple[TopK, TopK]]:
 def baseline_step(
     base: TopK, teacher: TopK, config: MixConfig, rng: np.random.Generator
 ) -> tuple[int, float, float]:
-    """ALGORITHM.md §1–5 written the obvious way: probabilities, union1d/isin, powers, and
+    """docs/ALGORITHM.md §1–5 written the obvious way: probabilities, union1d/isin, powers, and
     α by 20 bisection iterations on KL(q‖p_b) − KL(q‖p_t). Returns (token, α, |g(α)|)."""
     support = np.union1d(base.ids, teacher.ids)
     probs = []

@@ -399,7 +399,7 @@ async def test_first_token_follows_the_teacher(
     coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
 ) -> None:
     """With forcing on, the first token is drawn from the teacher alone: its top-K over the
-    union support, missing ids filled (ALGORITHM.md §1, §5.1; trust region off). Compare
+    union support, missing ids filled (docs/ALGORITHM.md §1, §5.1; trust region off). Compare
     frequencies over many choices with that distribution, computed here from the fakes."""
     mixing = MixConfig(trust_region_top_p=None)
     draws = 400

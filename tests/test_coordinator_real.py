@@ -113,7 +113,7 @@ async def test_diagnostics_are_consistent(coord: Coordinator) -> None:
 
 async def test_first_token_is_the_teachers_distribution(coord: Coordinator) -> None:
     """Forcing on, trust region off: q of step 0 is the teacher's own top-K (renormalized;
-    ALGORITHM.md §5.1), so log-ratios of q equal the teacher's log-ratios."""
+    docs/ALGORITHM.md §5.1), so log-ratios of q equal the teacher's log-ratios."""
     prompt = await coord.chat_prompt(QUESTION)
     mixing = MixConfig(trust_region_top_p=None)
     [result] = await coord.generate([prompt], GenerationParams(max_tokens=1, seed=0, mixing=mixing))

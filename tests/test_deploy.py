@@ -247,12 +247,12 @@ def test_cpu_profile_needs_no_gpu_and_uses_the_project_set_up() -> None:
         model = flag_value([str(a) for a in svc["command"]], "--model")
         assert model is not None
         assert model.startswith("/opt/dual-vllm/models/")
-        assert "--enforce-eager" in svc["command"]  # REAL_VLLM.md: no 2-minute compile
+        assert "--enforce-eager" in svc["command"]  # docs/LOCAL_VLLM.md: no 2-minute compile
     binds = {
         doc["services"][n]["environment"]["VLLM_CPU_OMP_THREADS_BIND"]
         for n in ("vllm-cpu-base", "vllm-cpu-teacher")
     }
-    assert binds == {"0", "1"}  # one core each (REAL_VLLM.md)
+    assert binds == {"0", "1"}  # one core each (docs/LOCAL_VLLM.md)
 
 
 def test_every_compose_service_has_a_healthcheck_and_sound_dependencies() -> None:
@@ -361,7 +361,7 @@ def test_dockerfile_cpu_stage_reuses_the_local_set_up() -> None:
     cache = re.search(r"DUAL_VLLM_CACHE_DIR=(\S+)", env)
     assert cache is not None
     assert entrypoint[0].startswith(cache.group(1) + "/")
-    assert entrypoint[1:] == ["-m", "vllm.entrypoints.openai.api_server"]  # REAL_VLLM.md
+    assert entrypoint[1:] == ["-m", "vllm.entrypoints.openai.api_server"]  # docs/LOCAL_VLLM.md
     # compose's CPU healthchecks use the same interpreter.
     for name in ("vllm-cpu-base", "vllm-cpu-teacher"):
         svc = compose()["services"][name]

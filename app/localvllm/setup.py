@@ -38,7 +38,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_LAYERS = 30
 BASE_LAYERS = 28
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers' model
-# imports next to torch+cpu (`operator torchvision::nms does not exist`; REAL_VLLM.md).
+# imports next to torch+cpu (`operator torchvision::nms does not exist`; docs/LOCAL_VLLM.md).
 UNINSTALL = ("torchvision", "torchaudio", "torchcodec")
 MARKER = ".dual-vllm-complete.json"
 MARKER_FORMAT = 1

@@ -1,4 +1,4 @@
-"""The math of ALGORITHM.md: no I/O, no imports from the rest of app. The deterministic core
+"""The math of docs/ALGORITHM.md: no I/O, no imports from the rest of app. The deterministic core
 of a step is one numba kernel (app.sampling.kernel), compiled on first use: `warm_up()`."""
 
 from app.sampling.draw import make_generators, sample, top_logprobs

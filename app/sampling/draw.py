@@ -11,7 +11,7 @@ _accumulate = np.add.accumulate
 
 
 def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
-    """`count` independent generators for the choices of one request (ALGORITHM.md §7):
+    """`count` independent generators for the choices of one request (docs/ALGORITHM.md §7):
     children of `SeedSequence(seed)` (fresh OS entropy when `seed` is None), never the global
     numpy RNG. The same seed gives the same generators, so the same tokens byte for byte."""
     if count < 0:

@@ -1,4 +1,4 @@
-"""The deterministic core of one mixing step (ALGORITHM.md §1–5) as one numba kernel.
+"""The deterministic core of one mixing step (docs/ALGORITHM.md §1–5) as one numba kernel.
 
 `mix_kernel` runs alignment and fill (§1), temperature (§2), the stability diagnostics (§3),
 the trust region (§4), the α rules and the safeguarded Newton/Halley solver (§5), q_α, and the

@@ -1,4 +1,4 @@
-"""One mixing step: align, temper, diagnose, trust region, α, q (ALGORITHM.md §1–5).
+"""One mixing step: align, temper, diagnose, trust region, α, q (docs/ALGORITHM.md §1–5).
 
 `mix` is the deterministic part (q and the diagnostics, no randomness); `mix_step` adds the
 draw (`app.sampling.draw.sample`). The math runs in one compiled kernel

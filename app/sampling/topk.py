@@ -1,4 +1,4 @@
-"""Reading one upstream's top-K view (ALGORITHM.md §0) and refusing what the math cannot use."""
+"""Reading one upstream's top-K view (docs/ALGORITHM.md §0), refusing what the math cannot use."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The data of one mixing step (ALGORITHM.md §0, §5, §6). Pure data: no I/O, no app imports.
+"""The data of one mixing step (docs/ALGORITHM.md §0, §5, §6). Pure data: no I/O, no app imports.
 
 These types are the contract between the math and the rest of the service; the coordinator,
 the HTTP layer, metrics and the batch writer read `StepResult` and nothing else of the math.
@@ -26,13 +26,13 @@ REASONS: tuple[Reason, ...] = (
 class SamplingError(ValueError):
     """Input the math cannot use (NaN/inf logprobs, empty top-K, bad options).
 
-    Raised instead of letting NaN or inf escape into q (ALGORITHM.md; issue 3).
+    Raised instead of letting NaN or inf escape into q (docs/ALGORITHM.md; issue 3).
     """
 
 
 @dataclass(frozen=True, slots=True)
 class TopK:
-    """One upstream's top-K view of the next token, keyed by token id (ALGORITHM.md §0).
+    """One upstream's top-K view of the next token, keyed by token id (docs/ALGORITHM.md §0).
 
     `ids` are unique non-negative token ids; `logprobs` are raw natural-log probabilities
     as vLLM returns them (possibly -9999.0 for clamped -inf), K or K+1 entries.
@@ -44,7 +44,7 @@ class TopK:
 
 @dataclass(frozen=True, slots=True)
 class MixConfig:
-    """Per-request options of the math: `mixing.*` of API.md plus OpenAI sampling fields."""
+    """Per-request options of the math: `mixing.*` of README.md plus OpenAI sampling fields."""
 
     alpha: float | None = None
     force_first_token: bool = True
@@ -53,14 +53,14 @@ class MixConfig:
     js_threshold: float = 0.5
     overlap_threshold: float = 0.1
     auto_fallback: bool = True
-    # OpenAI / vLLM sampling options, applied as ALGORITHM.md §2 and §5 say.
+    # OpenAI / vLLM sampling options, applied as docs/ALGORITHM.md §2 and §5 say.
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off (vLLM's convention)
 
 
 class StepResult(NamedTuple):
-    """Outputs of one step (ALGORITHM.md §6).
+    """Outputs of one step (docs/ALGORITHM.md §6).
 
     `support` and `logq` are the final sampling distribution over the support (after the
     trust region and the request's top_p/top_k; log q, -inf outside what survived), so
@@ -86,7 +86,7 @@ class StepResult(NamedTuple):
 
 
 class Mixture(NamedTuple):
-    """The deterministic part of one step (ALGORITHM.md §1–5): q and the diagnostics, no draw.
+    """The deterministic part of one step (docs/ALGORITHM.md §1–5): q and the diagnostics, no draw.
 
     Kept apart from the draw so speculative rounds (§8) can read q_i without sampling and
     certified support (§9) can add an `uncertain_mass` and a "fetch more" decision here.

@@ -1,6 +1,6 @@
 """A fake vLLM OpenAI-compatible server: the endpoints the gateway uses, with fault knobs.
 
-Shapes follow ../shared/reference/vllm-api.md (§1-§4); behaviour is deterministic so tests can
+Shapes follow docs/VLLM_API.md (§1-§4); behaviour is deterministic so tests can
 assert on values. Used in-process (`FakeVLLM.app` under `httpx.ASGITransport`, or
 `pair_transport` for both upstreams behind one transport) and over real HTTP (`serve`,
 `serve_pair`: a real uvicorn on a free 127.0.0.1 port in a background thread).

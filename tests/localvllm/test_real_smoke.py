@@ -175,6 +175,6 @@ def test_converted_model_matches_the_gguf_top5(
         ).json()["prompt"]
         assert detok == text.replace("\u0120", " ")
     if layers == TEACHER_LAYERS:
-        # REAL_VLLM.md, measured with llama.cpp on the GGUF: " Paris" -0.26, " the" -2.75.
+        # docs/LOCAL_VLLM.md, measured with llama.cpp on the GGUF: " Paris" -0.26, " the" -2.75.
         assert abs(served[7042] - (-0.26)) < 0.02
         assert abs(served[260] - (-2.75)) < 0.02

@@ -1,4 +1,4 @@
-"""A slow, direct reading of ALGORITHM.md §1–5 to test app.sampling against.
+"""A slow, direct reading of docs/ALGORITHM.md §1–5 to test app.sampling against.
 
 Written independently of the fast code: id-keyed dicts, a textbook logsumexp, a lexsort for the
 nucleus, KL(q‖p_b) − KL(q‖p_t) computed from its definition, and plain bisection for α.

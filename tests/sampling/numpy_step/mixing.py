@@ -1,4 +1,4 @@
-"""One mixing step: align, temper, diagnose, trust region, α, q (ALGORITHM.md §1–5).
+"""One mixing step: align, temper, diagnose, trust region, α, q (docs/ALGORITHM.md §1–5).
 
 `mix` is the deterministic part (q and the diagnostics, no randomness); app.sampling's
 `mix_step` adds the draw. A step touches a few dozen ids, where numpy's per-call

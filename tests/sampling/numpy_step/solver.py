@@ -1,4 +1,4 @@
-"""The root of g(α) = E_{q_α}[d] on [0, 1] (ALGORITHM.md §5.5), and q_α itself.
+"""The root of g(α) = E_{q_α}[d] on [0, 1] (docs/ALGORITHM.md §5.5), and q_α itself.
 
 q_α ∝ p_b^(1−α) p_t^α with d = log p_t − log p_b; g(α) = KL(q_α‖p_b) − KL(q_α‖p_t) and
 g′(α) = Var_{q_α}[d] ≥ 0, so the root is unique and bracketed by [0, 1].
