@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from app.batch.datasets import sample_seed
-from app.batch.generate import Job, Templates, build_prompt, run_job
+from app.batch.generate import run_job
+from app.batch.job import Job, Templates, build_prompt
 from app.batch.writer import StoreError, iter_records
 from app.cli import main as cli_main
 from app.errors import ContextLengthError, UpstreamUnavailableError
