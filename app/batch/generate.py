@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +37,7 @@ from app.batch.datasets import (
     sample_seed,
 )
 from app.batch.job import Job, PromptSpec, Templates, check_config, plan
+from app.batch.records import Outcome, SampleOutput, Totals, format_summary, sample_record
 from app.batch.writer import ResultStore, StoreError
 from app.coordinator import (
     ChatMessage,
@@ -44,17 +45,13 @@ from app.coordinator import (
     DualPrompt,
     GenerationParams,
 )
-from app.diagnostics import sample_summary, token_columns
 from app.errors import DualVLLMError, UpstreamError
 from app.options import PRESETS, resolve_mixing
-from app.sampling.types import SamplingError, StepResult
+from app.sampling.types import SamplingError
 from app.settings import Settings
 from app.upstream import StartupError
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -227,27 +224,6 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Per-sample results and diagnostics
-
-
-@dataclass(slots=True)
-class SampleOutput:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stop_reason: int | str | None
-    prompt_tokens: int
-    completion_tokens: int
-    steps: list[StepResult]
-    token_text: list[str] | None = None
-
-
-def _error_record(exc: BaseException) -> dict[str, Any]:
-    status = exc.status if isinstance(exc, DualVLLMError) else None
-    return {"type": type(exc).__name__, "status": status, "message": str(exc)}
-
-
 def _retryable(exc: BaseException) -> bool:
     """Upstream trouble that may pass (5xx, timeouts, connection errors). 4xx-like failures
     (context length, rejected input) and math errors would fail the same way again now."""
@@ -258,94 +234,6 @@ def _retryable(exc: BaseException) -> bool:
 
 # Failures recorded against a sample; anything else is a bug and stops the job (resumable).
 _SAMPLE_FAILURES = (DualVLLMError, SamplingError, httpx.HTTPError, TimeoutError)
-
-
-# --------------------------------------------------------------------------------------------
-# Progress and totals
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-@dataclass
-class Totals:
-    total: int = 0
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    tokens: int = 0
-    alpha_sum: float = 0.0
-    alpha_count: int = 0
-    fallback_steps: int = 0
-    finish: Counter[str] = field(default_factory=Counter)
-    started: float = field(default_factory=time.monotonic)
-
-    def add(self, output: SampleOutput) -> None:
-        self.ok += 1
-        self.tokens += len(output.steps)
-        for step in output.steps:
-            if step.alpha is not None:
-                self.alpha_sum += step.alpha
-                self.alpha_count += 1
-            self.fallback_steps += step.reason == "unstable"
-        self.finish[output.finish_reason] += 1
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def alpha_mean(self) -> float | None:
-        return self.alpha_sum / self.alpha_count if self.alpha_count else None
-
-    @property
-    def fallback_rate(self) -> float | None:
-        return self.fallback_steps / self.tokens if self.tokens else None
-
-    def postfix(self) -> dict[str, str]:
-        return {
-            "tok/s": f"{self.tokens_per_second:.1f}",
-            "α": _fmt(self.alpha_mean, ".3f"),
-            "fallback": _fmt(self.fallback_rate, ".1%"),
-            "failed": str(self.failed),
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "samples": self.total,
-            "already_done": self.skipped,
-            "ok": self.ok,
-            "failed": self.failed,
-            "tokens": self.tokens,
-            "seconds": round(self.elapsed, 3),
-            "tokens_per_second": round(self.tokens_per_second, 3),
-            "alpha_mean": self.alpha_mean,
-            "fallback_rate": self.fallback_rate,
-            "finish_reasons": dict(self.finish),
-        }
-
-
-def format_summary(totals: Totals, output: Path, compacted: int) -> str:
-    finish = ", ".join(f"{k} {v}" for k, v in sorted(totals.finish.items())) or "-"
-    lines = [
-        f"output: {output}",
-        f"samples: {totals.total} in this job ({totals.skipped} already done, "
-        f"{totals.ok} generated, {totals.failed} failed)",
-        f"tokens: {totals.tokens} in {totals.elapsed:.1f} s ({totals.tokens_per_second:.1f} tok/s)",
-        f"alpha mean: {_fmt(totals.alpha_mean, '.4f')}; "
-        f"fallback rate: {_fmt(totals.fallback_rate, '.2%')}",
-        f"finish reasons: {finish}",
-    ]
-    if compacted:
-        lines.append(f"compacted: dropped {compacted} superseded record(s)")
-    if totals.failed:
-        lines.append(f"{totals.failed} sample(s) failed: rerun the same command to retry them")
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,74 +301,48 @@ class _Runner:
             token_text=done.token_text,
         )
 
-    async def sample(self, row: PromptRow, spec: PromptSpec, index: int) -> None:
-        key: SampleKey = (row.id, index)
-        seed = sample_seed(self.job.seed, key)
-        params = replace(self.job.params, seed=seed, n=1)
-        started = time.monotonic()
-        attempts = 0
+    async def attempt_with_retries(
+        self, row: PromptRow, spec: PromptSpec, index: int, params: GenerationParams
+    ) -> Outcome:
+        """The batch job's one retry layer: upstream trouble (`_retryable`) is retried up to
+        job.retries times, the delay doubling from job.retry_backoff; any other failure ends
+        the sample at once."""
         dual: DualPrompt | None = None
-        error: BaseException | None = None
-        output: SampleOutput | None = None
+        attempt = 0
         while True:
-            attempts += 1
+            attempt += 1
             try:
                 dual = await self.dual_prompt(row, spec)
-                output = await self.attempt(dual, params)
-                break
+                return Outcome(attempt, dual, output=await self.attempt(dual, params))
             except _SAMPLE_FAILURES as exc:
-                error = exc
-                if not _retryable(exc) or attempts > self.job.retries:
-                    break
-                delay = self.job.retry_backoff * 2 ** (attempts - 1)
+                if not _retryable(exc) or attempt > self.job.retries:
+                    return Outcome(attempt, dual, error=exc)
+                delay = self.job.retry_backoff * 2 ** (attempt - 1)
                 log.warning(
                     "sample %s/%s attempt %s failed (%s); retrying in %.1f s",
                     row.id,
                     index,
-                    attempts,
+                    attempt,
                     exc,
                     delay,
                 )
                 await asyncio.sleep(delay)
-        record: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "id": row.id,
-            "sample_index": index,
-            "status": "ok" if output is not None else "failed",
-            "position": row.position,
-            "shard": str(self.job.shard) if self.job.shard else None,
-            "seed": seed,
-            "prompt": spec.as_record(),
-            "models": {role: info.name for role, info in self.coord.models.items()},
-        }
-        if dual is not None:
-            record["prompt_token_ids"] = {"teacher": dual.teacher, "base": dual.base}
-        if output is not None:
-            record.update(
-                completion=output.text,
-                completion_token_ids=output.token_ids,
-                finish_reason=output.finish_reason,
-                stop_reason=output.stop_reason,
-                usage={
-                    "prompt_tokens": output.prompt_tokens,
-                    "base_prompt_tokens": len(dual.base) if dual is not None else None,
-                    "completion_tokens": output.completion_tokens,
-                    "total_tokens": output.prompt_tokens + output.completion_tokens,
-                },
-            )
-        record.update(mixing=self.job.mixing_record(), sampling=self.job.sampling_record())
-        if output is not None:
-            record["summary"] = sample_summary(output.steps)
-            if self.job.diagnostics:
-                columns: dict[str, Any] = token_columns(output.steps)
-                if output.token_text is not None:
-                    columns["token_text"] = output.token_text
-                record["diagnostics"] = columns
-        else:
-            record["error"] = _error_record(error) if error is not None else None
-        record.update(
-            attempts=attempts,
-            elapsed_seconds=round(time.monotonic() - started, 3),
+
+    async def sample(self, row: PromptRow, spec: PromptSpec, index: int) -> None:
+        seed = sample_seed(self.job.seed, (row.id, index))
+        started = time.monotonic()
+        outcome = await self.attempt_with_retries(
+            row, spec, index, replace(self.job.params, seed=seed, n=1)
+        )
+        record = sample_record(
+            self.job,
+            row,
+            index,
+            spec,
+            outcome,
+            seed=seed,
+            models={role: info.name for role, info in self.coord.models.items()},
+            elapsed_seconds=time.monotonic() - started,
             config_hash=self.config_hash,
         )
         self.store.append(record)
@@ -488,15 +350,22 @@ class _Runner:
         if not self._remaining[row.id]:  # all its samples are done: free its prompt ids
             self._dual.pop(row.id, None)
             self._locks.pop(row.id, None)
+        output, error = outcome.output, outcome.error
         if output is not None:
             self.totals.add(output)
             self.consecutive_upstream_failures = 0
         else:
             self.totals.failed += 1
-            log.error("sample %s/%s failed after %s attempt(s): %s", row.id, index, attempts, error)
+            log.error(
+                "sample %s/%s failed after %s attempt(s): %s",
+                row.id,
+                index,
+                outcome.attempts,
+                error,
+            )
         self.bar.set_postfix(self.totals.postfix(), refresh=False)
         self.bar.update(1)
-        if error is not None and output is None and _retryable(error):
+        if output is None and error is not None and _retryable(error):
             self.consecutive_upstream_failures += 1
             limit = self.job.max_consecutive_failures
             if limit and self.consecutive_upstream_failures >= limit:

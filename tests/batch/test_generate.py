@@ -267,7 +267,7 @@ def test_cli_reports_dataset_errors(
 
 
 def test_progress_postfix() -> None:
-    from app.batch.generate import SampleOutput, Totals
+    from app.batch.records import SampleOutput, Totals
 
     totals = Totals(total=2)
     steps = fake_steps(3)
