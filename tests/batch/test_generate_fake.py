@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.batch.generate import run_job
+from app.batch.runner import run_job
 from app.batch.writer import final_records, iter_records
 from tests.batch.scripted import parse_job, write_jsonl
 from tests.fakes import EOS_ID, FakeVLLM, apply_chat_template, decode, encode, serve_pair
