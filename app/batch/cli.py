@@ -1,11 +1,9 @@
 """`dual-vllm generate`: a dataset of prompts in, one JSONL record per sample out (docs/BATCH.md).
 
-The job: read and map the dataset (app.batch.datasets), keep this shard's prompts, build each
-prompt as both models see it (the teacher's chat template via its server, a plain template for
-the base), skip the samples the output already holds, then generate the rest with bounded
-concurrency through one Coordinator, retrying upstream trouble with backoff, and append each
-result to the resumable store (app.batch.writer) the moment it is done. A sample that still
-fails is recorded with status "failed" (never dropped) and retried by the next run.
+This module is the command line: the arguments, Settings and a Job from them, and the exit
+codes (0 done, 1 some samples failed, 2 unusable settings/inputs/upstreams, 3 aborted after
+consecutive upstream failures, 130 interrupted). The job itself: app.batch.job (what is sent),
+app.batch.runner (the run), app.batch.records (what is written).
 """
 
 from __future__ import annotations
@@ -21,27 +19,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.batch.datasets import (
-    FORMATS,
-    DatasetError,
-    parse_shard,
-)
+from app.batch.datasets import FORMATS, DatasetError, parse_shard
 from app.batch.job import Job, Templates
 from app.batch.records import Totals
 from app.batch.runner import JobAborted, run_job
 from app.batch.writer import StoreError
-from app.coordinator import (
-    GenerationParams,
-)
 from app.errors import DualVLLMError
+from app.generation import GenerationParams
 from app.options import PRESETS, resolve_mixing
 from app.settings import Settings
 from app.upstream import StartupError
-
-log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------
-# Command line
 
 
 def _optional_float(text: str) -> float | None:
