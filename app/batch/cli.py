@@ -31,6 +31,16 @@ from app.settings import Settings
 from app.upstream import StartupError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where it tells something: not when the help already says
+    what the default is, nor for None (unset; the help or the group says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _optional_float(text: str) -> float | None:
     if text.lower() in {"none", "null", "off"}:
         return None
@@ -48,7 +58,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = _HelpFormatter
     data = parser.add_argument_group("dataset")
     data.add_argument("dataset", help="JSONL/JSON/CSV/Parquet file, or a Hugging Face dataset name")
     data.add_argument("--format", choices=FORMATS, help="file format (default: from the suffix)")
@@ -100,13 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("-n", "--samples", type=_positive_int, default=1, help="samples per prompt")
-    gen.add_argument("--max-tokens", type=_positive_int, default=256)
+    gen.add_argument(
+        "--max-tokens", type=_positive_int, default=256, help="completion length limit"
+    )
     gen.add_argument("--seed", type=int, default=0, help="job seed; each sample's derives from it")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--stop-token-id", type=int, action="append", default=[])
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument(
+        "--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)"
+    )
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    gen.add_argument(
+        "--temperature", type=float, default=1.0, help="applied to both models before mixing"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, help="OpenAI/vLLM top_p applied to q")
     gen.add_argument(
         "--sample-top-k", type=int, default=0, help="OpenAI/vLLM top_k applied to q (0 = off)"
     )
