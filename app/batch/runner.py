@@ -58,17 +58,18 @@ class JobAborted(RuntimeError):
 
 
 class _Runner:
+    """The pending samples of one run, `job.concurrency` at a time, each appended to the store
+    when done; counts the totals and the upstream failures in a row."""
+
     def __init__(
         self,
         job: Job,
-        settings: Settings,
         coord: Coordinator,
         store: ResultStore,
         totals: Totals,
         bar: tqdm[Any],
     ) -> None:
         self.job = job
-        self.settings = settings
         self.coord = coord
         self.store = store
         self.totals = totals
@@ -138,6 +139,8 @@ class _Runner:
                 await asyncio.sleep(delay)
 
     async def sample(self, row: PromptRow, spec: PromptSpec, index: int) -> None:
+        """Generate sample `index` of `row` (with retries) and append its record, ok or failed.
+        Raises JobAborted after job.max_consecutive_failures upstream failures in a row."""
         seed = sample_seed(self.job.seed, (row.id, index))
         started = time.monotonic()
         outcome = await self.attempt_with_retries(
@@ -251,7 +254,7 @@ async def run_job(
         ):
             if pending:
                 async with coordinator_factory(settings) as coord:
-                    runner = _Runner(job, settings, coord, store, totals, bar)
+                    runner = _Runner(job, coord, store, totals, bar)
                     await runner.run(pending)
         if store.state.superseded:
             compacted = store.compact(order)
