@@ -18,7 +18,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.server", "run the OpenAI-compatible gateway"),
-    "generate": ("app.batch.generate", "turn a dataset of prompts into a JSONL training set"),
+    "generate": ("app.batch.cli", "turn a dataset of prompts into a JSONL training set"),
     "report": ("app.batch.report", "summarise a generate output file (plots, HTML)"),
     "local": ("app.localvllm.cli", "set up and run two real CPU vLLM servers with a small model"),
 }

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from app.batch.generate import Job, add_arguments, job_from_args
+from app.batch.cli import add_arguments, job_from_args
+from app.batch.job import Job
 from app.coordinator import (
     ChatMessage,
     Completion,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from app.batch.datasets import sample_seed
-from app.batch.generate import Job, Templates, build_prompt, run_job
+from app.batch.job import Job, Templates, build_prompt
+from app.batch.runner import run_job
 from app.batch.writer import StoreError, iter_records
 from app.cli import main as cli_main
 from app.errors import ContextLengthError, UpstreamUnavailableError
@@ -266,7 +267,7 @@ def test_cli_reports_dataset_errors(
 
 
 def test_progress_postfix() -> None:
-    from app.batch.generate import SampleOutput, Totals
+    from app.batch.records import SampleOutput, Totals
 
     totals = Totals(total=2)
     steps = fake_steps(3)
@@ -280,7 +281,7 @@ def test_progress_postfix() -> None:
 
 
 async def test_upstreams_down_stop_the_job(dataset: Path, tmp_path: Path) -> None:
-    from app.batch.generate import JobAborted
+    from app.batch.runner import JobAborted
 
     out = tmp_path / "out.jsonl"
     job, settings, _ = parse_job(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.batch.generate import run_job
+from app.batch.runner import run_job
 from app.batch.writer import final_records, iter_records
 from tests.batch.scripted import parse_job, write_jsonl
 from tests.fakes import EOS_ID, FakeVLLM, apply_chat_template, decode, encode, serve_pair
@@ -79,7 +79,7 @@ async def test_end_to_end_records_against_fake_vllm(
         str(_dataset(tmp_path, count=4)), "-o", str(out), "--prompt-field", "question",
         "--id-field", "id", "-n", "2", "--diagnostics", "--max-tokens", "12", "--quiet",
     )  # fmt: skip
-    from app.batch.generate import settings_from_args
+    from app.batch.cli import settings_from_args
 
     args.base_url, args.teacher_url = base_url, teacher_url
     settings = settings_from_args(args)
@@ -203,7 +203,7 @@ async def test_failed_samples_are_retried_on_resume(
         "--id-field", "id", "--max-tokens", "10", "--concurrency", "1", "--retries", "1",
         "--retry-backoff", "0", "--quiet",
     )  # fmt: skip
-    from app.batch.generate import settings_from_args
+    from app.batch.cli import settings_from_args
 
     args.base_url, args.teacher_url = base_url, teacher_url
     settings = settings_from_args(args)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from app.batch.generate import run_job
 from app.batch.report import PLOTS, analyse, colour_tokens, write_report
+from app.batch.runner import run_job
 from app.batch.writer import final_records
 from app.cli import main as cli_main
 from app.errors import ContextLengthError
