@@ -136,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop the job when this many samples in a row fail with upstream errors (0: never)",
     )
 
-    mix = parser.add_argument_group("mixing (API.md `mixing.*`; default: the server settings)")
+    mix = parser.add_argument_group("mixing (README.md `mixing.*`; default: the server settings)")
     mix.add_argument("--preset", choices=sorted(PRESETS))
     mix.add_argument("--alpha", type=_optional_float, default=argparse.SUPPRESS)
     mix.add_argument(

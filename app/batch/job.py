@@ -83,7 +83,7 @@ class Job:
     fsync_interval: float = 1.0
 
     def mixing_record(self) -> dict[str, Any]:
-        """The mixing options used, with API.md's names."""
+        """The mixing options used, with README.md's names."""
         mixing = self.params.mixing
         record: dict[str, Any] = {"preset": self.preset}
         record.update({name: getattr(mixing, name) for name in MIX_OPTIONS})
