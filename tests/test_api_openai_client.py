@@ -76,7 +76,7 @@ def live(fake_upstreams: tuple[str, str, FakeVLLM, FakeVLLM]) -> Factory:
     return build
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"

@@ -79,6 +79,17 @@ def coordinator(base: FakeVLLM, teacher: FakeVLLM) -> CoordinatorFactory:
     return make
 
 
+DEADLINE = 20.0  # seconds: generous, for a loaded machine
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` (the fakes' counters) until it holds; fail after DEADLINE seconds.
+    A generous deadline instead of a fixed short sleep: a loaded machine may be slow."""
+    async with asyncio.timeout(DEADLINE):
+        while not condition():  # noqa: ASYNC110 - polling plain counters of the fakes
+            await asyncio.sleep(0.005)
+
+
 def script_both(base: FakeVLLM, teacher: FakeVLLM, text: str, *, then: int = EOS_ID) -> None:
     """Both fakes continue (near-certainly) with `text`, then `then`."""
     base.distribution = scripted(encode(text), then=then)
@@ -552,9 +563,14 @@ async def test_concurrency_is_bounded(
     coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
 ) -> None:
     base.eos_after = teacher.eos_after = None
-    teacher.faults.latency = 0.01
+    # Slow calls until both slots are seen busy at once (however slow the machine is), then
+    # fast: the bound must hold for the whole request.
+    teacher.faults.latency = 0.3
     async with coordinator(max_concurrent_sequences=2) as coord:
-        results = await coord.generate([PROMPT], GenerationParams(max_tokens=4, n=6))
+        work = asyncio.create_task(coord.generate([PROMPT], GenerationParams(max_tokens=4, n=6)))
+        await until(lambda: teacher.in_flight == 2)
+        teacher.faults.latency = 0.0
+        results = await work
     assert len(results) == 6
     assert teacher.max_in_flight == 2
 
@@ -563,9 +579,15 @@ async def test_sequences_run_concurrently(
     coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
 ) -> None:
     base.eos_after = teacher.eos_after = None
-    teacher.faults.latency = base.faults.latency = 0.05
+    # Slow calls until all eight sequences are seen calling each upstream at once.
+    teacher.faults.latency = base.faults.latency = 0.5
     async with coordinator() as coord:
-        await coord.generate([PROMPT, PROMPT], GenerationParams(max_tokens=3, n=4))
+        work = asyncio.create_task(
+            coord.generate([PROMPT, PROMPT], GenerationParams(max_tokens=3, n=4))
+        )
+        await until(lambda: teacher.in_flight == 8 and base.in_flight == 8)
+        teacher.faults.latency = base.faults.latency = 0.0
+        await work
     assert teacher.max_in_flight == 8
     assert base.max_in_flight == 8
 
@@ -577,7 +599,7 @@ async def test_upstream_dying_mid_generation_fails_the_request(
     async with coordinator() as coord:
         teacher.faults.status = 500
         teacher.faults.status_after = teacher.completions_started + 3
-        base.faults.latency = 0.2  # the base call is in flight when the teacher fails
+        base.faults.latency = 0.5  # the base call is in flight when the teacher fails
         with pytest.raises(UpstreamError) as info:
             await coord.generate([PROMPT], GenerationParams(max_tokens=20))
         assert type(info.value) is UpstreamError
@@ -647,8 +669,9 @@ async def test_cancelling_the_consumer_stops_upstream_calls(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await until(lambda: teacher.in_flight == base.in_flight == 0)
         started = teacher.completions_started + base.completions_started
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.15)  # no new call starts afterwards
         assert teacher.completions_started + base.completions_started == started
         assert teacher.in_flight == base.in_flight == 0
     assert len(seen) < 30
@@ -665,8 +688,9 @@ async def test_breaking_out_of_the_stream_stops_upstream_calls(
             async for event in events:
                 if isinstance(event, TokenEvent) and len(event.text) >= 0:
                     break
+        await until(lambda: teacher.in_flight == 0)
         started = teacher.completions_started
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # no new call starts afterwards
         assert teacher.completions_started == started
         assert teacher.in_flight == 0
 
