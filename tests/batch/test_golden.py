@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from app.batch.generate import run_job
+from app.batch.runner import run_job
 from app.batch.writer import ResultStore, final_records, iter_records
 from app.coordinator import Coordinator
 from app.settings import Settings
