@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(60.0, gt=0)
     upstream_max_connections: int = Field(256, ge=1)
     upstream_retries: int = Field(2, ge=0, le=10, description="for idempotent calls only")
+    upstream_batch_probes: bool = Field(
+        True, description="coalesce concurrent probes to one replica into one request"
+    )
+    upstream_max_batch: int = Field(128, ge=1, description="most prompts in one batched probe")
 
     # --- the base model's rendering of chat messages (no chat template of its own) ----------
     base_system_format: str = "{content}\n\n"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from app.probes import ProbeBatcher, parse_batch, parse_top_logprobs
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,60 +101,6 @@ def _upstream_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def parse_top_logprobs(body: Any, *, upstream: str) -> dict[int, float]:
-    """The first generated position's `{"token_id:123": lp}` of a completions body, as
-    `{123: lp}` (plain data: app/pair.py turns it into the math's `TopK`).
-
-    Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
-    docs/ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
-    position, a text key or a non-number value is a malformed body.
-    """
-    try:
-        logprobs = body["choices"][0]["logprobs"]
-        top = logprobs["top_logprobs"]
-        first = top[0]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise UpstreamError(
-            f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
-        ) from exc
-    if first is None:
-        raise UpstreamError(
-            f"{upstream} upstream returned null top_logprobs for the next token",
-            upstream=upstream,
-        )
-    if not isinstance(first, dict):
-        raise UpstreamError(
-            f"{upstream} upstream returned malformed top_logprobs", upstream=upstream
-        )
-    mapping: dict[int, float] = {}
-    for key, value in first.items():
-        if not isinstance(key, str) or not key.startswith(_TOKEN_ID_PREFIX):
-            raise UpstreamError(
-                f"{upstream} upstream keyed logprobs by text ({key!r}); it must honour "
-                "return_tokens_as_token_ids",
-                upstream=upstream,
-            )
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise UpstreamError(
-                f"{upstream} upstream returned a non-numeric logprob {value!r}",
-                upstream=upstream,
-            )
-        try:
-            token_id = int(key[len(_TOKEN_ID_PREFIX) :])
-        except ValueError as exc:
-            raise UpstreamError(
-                f"{upstream} upstream returned a bad token key {key!r}", upstream=upstream
-            ) from exc
-        mapping[token_id] = float(value)
-    if not mapping:
-        raise UpstreamError(
-            f"{upstream} upstream returned no usable top_logprobs", upstream=upstream
-        )
-    return mapping
-
-
 class UpstreamClient:
     """One model behind one pooled `httpx.AsyncClient` (several URLs = replicas).
 
@@ -181,6 +127,7 @@ class UpstreamClient:
         self._transport = transport
         self._observer = observer
         self._client: httpx.AsyncClient | None = None
+        self._batchers: dict[str, ProbeBatcher] = {}  # by replica URL
         self.info: ModelInfo | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -210,6 +157,9 @@ class UpstreamClient:
         )
 
     async def aclose(self) -> None:
+        batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            await batcher.aclose()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -360,11 +310,22 @@ class UpstreamClient:
     async def topk(self, prompt: Sequence[int], k: int, *, affinity: int = 0) -> dict[int, float]:
         """The next-token top-K (K or K+1 entries) after `prompt`: `{token_id: logprob}`.
 
-        A K above the upstream's --max-logprobs comes from the client's `mixing.top_k` (the
-        configured K was checked at start-up): that 400 names the client's parameter, not
-        vLLM's `logprobs`."""
+        Concurrent probes to the same replica travel in one batched request
+        (`Settings.upstream_batch_probes`; app/probes.py). A K above the upstream's
+        --max-logprobs comes from the client's `mixing.top_k` (the configured K was checked at
+        start-up): that 400 names the client's parameter, not vLLM's `logprobs`."""
+        url = self.replica(affinity)
         try:
-            return await self._topk(prompt, k, affinity)
+            if not self._settings.upstream_batch_probes:
+                return await self._topk(prompt, k, url)
+            batcher = self._batchers.get(url)
+            if batcher is None:
+                batcher = self._batchers[url] = ProbeBatcher(
+                    lambda ids, k: self._topk(ids, k, url),
+                    lambda prompts, k: self._topk_batch(prompts, k, url),
+                    max_batch=self._settings.upstream_max_batch,
+                )
+            return await batcher.submit(prompt, k)
         except UpstreamRejectedError as exc:
             match = _MAX_ALLOWED.search(exc.message)
             if match is None:
@@ -376,11 +337,19 @@ class UpstreamClient:
                 param="mixing.top_k",
             ) from exc
 
-    async def _topk(self, prompt: Sequence[int], k: int, affinity: int) -> dict[int, float]:
+    async def _topk(self, prompt: Sequence[int], k: int, url: str) -> dict[int, float]:
         response = await self._request(
-            "POST", "/v1/completions", json=self.probe_body(prompt, k), affinity=affinity
+            "POST", "/v1/completions", json=self.probe_body(prompt, k), url=url
         )
         return parse_top_logprobs(self._json(response), upstream=self.name)
+
+    async def _topk_batch(
+        self, prompts: list[list[int]], k: int, url: str
+    ) -> list[dict[int, float]]:
+        body = self.probe_body([], k)
+        body["prompt"] = prompts  # vLLM's batch form: one choice per prompt, in order
+        response = await self._request("POST", "/v1/completions", json=body, url=url)
+        return parse_batch(self._json(response), len(prompts), upstream=self.name)
 
     async def health(self) -> bool:
         """Every replica answers /health with 200 (one short attempt each, no retries)."""
@@ -497,7 +466,7 @@ class UpstreamClient:
     async def check_logprobs(self, prompt: Sequence[int], k: int) -> None:
         """One probe with logprobs=K; a 400 naming the maximum becomes a StartupError."""
         try:
-            await self._topk(prompt, k, 0)
+            await self._topk(prompt, k, self.urls[0])
         except UpstreamRejectedError as exc:
             match = _MAX_ALLOWED.search(exc.message)
             if match is None:

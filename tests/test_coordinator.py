@@ -40,7 +40,7 @@ from tests.fakes import (
     scripted,
     serve_pair,
 )
-from tests.fakes.vllm import BASE_URL, TEACHER_URL, pair_transport
+from tests.fakes.vllm import BASE_URL, TEACHER_URL, contexts, pair_transport
 
 PROMPT_TEXT = "<|im_start|>user\nSay something<|im_end|>\n<|im_start|>assistant\n"
 PROMPT = DualPrompt(teacher=encode(PROMPT_TEXT), base=encode("Question: Say something\nAnswer:"))
@@ -568,11 +568,11 @@ async def test_concurrency_is_bounded(
     teacher.faults.latency = 0.3
     async with coordinator(max_concurrent_sequences=2) as coord:
         work = asyncio.create_task(coord.generate([PROMPT], GenerationParams(max_tokens=4, n=6)))
-        await until(lambda: teacher.in_flight == 2)
+        await until(lambda: teacher.prompts_in_flight == 2)
         teacher.faults.latency = 0.0
         results = await work
     assert len(results) == 6
-    assert teacher.max_in_flight == 2
+    assert teacher.max_prompts_in_flight == 2
 
 
 async def test_sequences_run_concurrently(
@@ -585,11 +585,11 @@ async def test_sequences_run_concurrently(
         work = asyncio.create_task(
             coord.generate([PROMPT, PROMPT], GenerationParams(max_tokens=3, n=4))
         )
-        await until(lambda: teacher.in_flight == 8 and base.in_flight == 8)
+        await until(lambda: teacher.prompts_in_flight == 8 and base.prompts_in_flight == 8)
         teacher.faults.latency = base.faults.latency = 0.0
         await work
-    assert teacher.max_in_flight == 8
-    assert base.max_in_flight == 8
+    assert teacher.max_prompts_in_flight == 8
+    assert base.max_prompts_in_flight == 8
 
 
 async def test_upstream_dying_mid_generation_fails_the_request(
@@ -704,8 +704,8 @@ async def test_replicas_keep_a_sequence_on_one_replica(teacher: FakeVLLM) -> Non
     coord = Coordinator(settings(base_url=urls), transport=transport)
     async with coord:
         results = await coord.generate([PROMPT], GenerationParams(max_tokens=6, n=4, seed=1))
-    prompts_a = [tuple(r["prompt"]) for r in list(replica_a.requests)[1:]]
-    prompts_b = [tuple(r["prompt"]) for r in list(replica_b.requests)[1:]]
+    prompts_a = [c for r in list(replica_a.requests)[1:] for c in contexts(r)]
+    prompts_b = [c for r in list(replica_b.requests)[1:] for c in contexts(r)]
     assert prompts_a
     assert prompts_b
     for result in results:

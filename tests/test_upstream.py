@@ -17,8 +17,9 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from app.probes import parse_top_logprobs
 from app.settings import Settings
-from app.upstream import ModelInfo, StartupError, UpstreamClient, parse_top_logprobs
+from app.upstream import ModelInfo, StartupError, UpstreamClient
 
 URL = "http://teacher.test"
 COMPLETIONS = f"{URL}/v1/completions"

@@ -21,8 +21,9 @@ Fault knobs live in `FakeVLLM.faults` (mutable at any time, also while serving i
 latency, an error status from the N-th completion call on for M calls (an upstream dying
 mid-generation, or recovering for retry tests), malformed bodies, K+1 entries, null entries,
 /health status, a missing /tokenizer_info, a shifted tokenizer. Counters: `calls` per path,
-`completions_started`, `completions_finished`, `completions_cancelled`, `in_flight`, and the
-last request bodies in `requests`.
+`completions_started`, `completions_finished`, `completions_cancelled`, `in_flight` (requests),
+`prompts_served` and `prompts_in_flight` (a batched request counts each of its prompts), and
+the last request bodies in `requests`.
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ class FakeVLLM:
         self.completions_started = 0
         self.completions_finished = 0
         self.completions_cancelled = 0
+        self.prompts_served = 0  # prompts over all /v1/completions calls (batches count each)
+        self.prompts_in_flight = 0  # prompts of the /v1/completions calls in flight
+        self.max_prompts_in_flight = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -358,9 +362,13 @@ class FakeVLLM:
         self.completions_started += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        prompts = 0
         try:
             body = await request.json()
             self.requests.append(body)
+            prompts = len(batch_prompts(body))
+            self.prompts_in_flight += prompts
+            self.max_prompts_in_flight = max(self.max_prompts_in_flight, self.prompts_in_flight)
             if self.faults.latency > 0:
                 await asyncio.sleep(self.faults.latency)
             response = self._complete(body, index)
@@ -371,6 +379,7 @@ class FakeVLLM:
             raise
         finally:
             self.in_flight -= 1
+            self.prompts_in_flight -= prompts
 
     def _complete(self, body: dict[str, Any], index: int) -> Response:
         f = self.faults
@@ -379,27 +388,28 @@ class FakeVLLM:
             return _error(status, f.status_message)
         if body.get("model") not in (None, "", self.model):
             return _error(404, f"The model `{body['model']}` does not exist.", "model")
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompt = encode(prompt)
-        if not isinstance(prompt, list) or not prompt:
-            return _error(400, "The decoder prompt cannot be empty")
-        if not all(isinstance(t, int) for t in prompt):
-            return _error(400, "1 validation error: prompt must be token ids or a string")
-        if any(t < 0 for t in prompt):
-            return _error(400, "1 validation error: Input should be greater than or equal to 0")
-        if any(t >= VOCAB_SIZE for t in prompt):
-            bad = next(t for t in prompt if t >= VOCAB_SIZE)
-            return _error(400, f"Token id {bad} is out of vocabulary")
-        if len(prompt) >= self.max_model_len:
-            return _error(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your prompt contains {len(prompt)} input tokens, which exceeds this limit "
-                "even without any output tokens. Please reduce the length of the input prompt. "
-                f"(parameter=input_tokens, value={len(prompt)})",
-                "input_tokens",
-            )
+        prompts = batch_prompts(body)
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                prompts[i] = prompt = encode(prompt)
+            if not isinstance(prompt, list) or not prompt:
+                return _error(400, "The decoder prompt cannot be empty")
+            if not all(isinstance(t, int) for t in prompt):
+                return _error(400, "1 validation error: prompt must be token ids or a string")
+            if any(t < 0 for t in prompt):
+                return _error(400, "1 validation error: Input should be greater than or equal to 0")
+            if any(t >= VOCAB_SIZE for t in prompt):
+                bad = next(t for t in prompt if t >= VOCAB_SIZE)
+                return _error(400, f"Token id {bad} is out of vocabulary")
+            if len(prompt) >= self.max_model_len:
+                return _error(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your prompt contains {len(prompt)} input tokens, which exceeds "
+                    "this limit even without any output tokens. Please reduce the length of the "
+                    f"input prompt. (parameter=input_tokens, value={len(prompt)})",
+                    "input_tokens",
+                )
         k = body.get("logprobs")
         if k is not None and k > self.max_logprobs:
             return _error(
@@ -408,6 +418,31 @@ class FakeVLLM:
                 f"{self.max_logprobs} (parameter=logprobs, value={k})",
                 "logprobs",
             )
+        self.prompts_served += len(prompts)
+        if f.malformed == "not_json":
+            return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=200)
+        choices = [self._choice(body, prompt, i) for i, prompt in enumerate(prompts)]
+        completion_tokens = sum(len(c.pop("_ids")) for c in choices)
+        response = {
+            "id": f"cmpl-fake-{self.completions_started}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [] if f.malformed == "no_choices" else choices,
+            "system_fingerprint": "vllm-fake",
+            "usage": {
+                "prompt_tokens": sum(len(p) for p in prompts),
+                "completion_tokens": completion_tokens,
+                "total_tokens": sum(len(p) for p in prompts) + completion_tokens,
+                "prompt_tokens_details": None,
+            },
+        }
+        return JSONResponse(response)
+
+    def _choice(self, body: dict[str, Any], prompt: list[int], index: int) -> dict[str, Any]:
+        """One prompt's completion choice (the fake's generation loop)."""
+        f = self.faults
+        k = body.get("logprobs")
         max_tokens = int(body.get("max_tokens") or 16)
         max_tokens = min(max_tokens, self.max_model_len - len(prompt))
         temperature = float(body.get("temperature", 1.0))
@@ -446,8 +481,6 @@ class FakeVLLM:
                 finish = "stop"
                 stop_reason = None if chosen == EOS_ID else chosen
                 break
-        if f.malformed == "not_json":
-            return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=200)
         logprobs: Any = None
         if k is not None:
             logprobs = {
@@ -463,8 +496,8 @@ class FakeVLLM:
             elif f.malformed == "bad_value" and top_list and top_list[0]:
                 key = next(iter(top_list[0]))
                 top_list[0][key] = "nan?"  # type: ignore[assignment]
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "text": decode([i for i in out_ids if i != EOS_ID]),
             "logprobs": logprobs,
             "finish_reason": finish,
@@ -472,22 +505,23 @@ class FakeVLLM:
             "token_ids": out_ids if body.get("return_token_ids") else None,
             "prompt_logprobs": None,
             "prompt_token_ids": None,
+            "_ids": out_ids,  # popped by the caller: the usage count
         }
-        response = {
-            "id": f"cmpl-fake-{self.completions_started}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [] if f.malformed == "no_choices" else [choice],
-            "system_fingerprint": "vllm-fake",
-            "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": len(out_ids),
-                "total_tokens": len(prompt) + len(out_ids),
-                "prompt_tokens_details": None,
-            },
-        }
-        return JSONResponse(response)
+
+
+def batch_prompts(body: Mapping[str, Any]) -> list[Any]:
+    """The prompts of a completions body: vLLM's batch form (a list of token-id lists or of
+    strings) is one prompt each, answered by one choice each (index = position); one bad prompt
+    fails the whole request. Anything else is one prompt."""
+    raw = body.get("prompt")
+    if isinstance(raw, list) and raw and isinstance(raw[0], list | str):
+        return list(raw)
+    return [raw]
+
+
+def contexts(body: Mapping[str, Any]) -> list[tuple[int, ...]]:
+    """The token-id prompts of a completions body (batched or not), as tuples."""
+    return [tuple(p) for p in batch_prompts(body) if isinstance(p, list)]
 
 
 def fake_pair(**kwargs: Any) -> tuple[FakeVLLM, FakeVLLM]:

@@ -1,0 +1,202 @@
+"""The per-step probe's wire format and its coalescing.
+
+A probe asks one upstream for the next-token top-K after a context (docs/VLLM_API.md §3): a
+`/v1/completions` request with the context as token ids, `max_tokens: 1` and `logprobs: K`.
+Its answer is read here into plain data, `{token_id: logprob}` (app/pair.py turns that into
+the math's `TopK`).
+
+`ProbeBatcher` coalesces the probes of concurrent sequences bound for the same upstream replica
+into one batched request (`prompt` as a list of token-id lists; vLLM runs each prompt as its own
+request, so prefix caching still applies, and answers one choice per prompt, in order). Probes
+submitted in the same turn of the event loop travel together, so a lone sequence never waits,
+and sequences whose probes came back together (one batch) send their next probes together too.
+A 4xx answer to a batch is retried prompt by prompt, so one bad prompt fails only its own step,
+with its own status; any other failure fails every probe of the batch, as it would have failed
+each of them alone. When every caller of a batch has gone (a client disconnected), the request
+is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import UpstreamError, UpstreamRejectedError
+
+_TOKEN_ID_PREFIX = "token_id:"
+
+SendOne = Callable[[list[int], int], Awaitable[dict[int, float]]]
+SendBatch = Callable[[list[list[int]], int], Awaitable[list[dict[int, float]]]]
+
+
+def parse_top_logprobs(body: Any, *, upstream: str) -> dict[int, float]:
+    """The first generated position's `{"token_id:123": lp}` of a completions body, as
+    `{123: lp}` (plain data: app/pair.py turns it into the math's `TopK`).
+
+    Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
+    docs/ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
+    position, a text key or a non-number value is a malformed body.
+    """
+    try:
+        return parse_choice(body["choices"][0], upstream=upstream)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
+        ) from exc
+
+
+def parse_choice(choice: Any, *, upstream: str) -> dict[int, float]:
+    """One choice's first position (see `parse_top_logprobs`)."""
+    try:
+        logprobs = choice["logprobs"]
+        top = logprobs["top_logprobs"]
+        first = top[0]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
+        ) from exc
+    if first is None:
+        raise UpstreamError(
+            f"{upstream} upstream returned null top_logprobs for the next token",
+            upstream=upstream,
+        )
+    if not isinstance(first, dict):
+        raise UpstreamError(
+            f"{upstream} upstream returned malformed top_logprobs", upstream=upstream
+        )
+    mapping: dict[int, float] = {}
+    for key, value in first.items():
+        if not isinstance(key, str) or not key.startswith(_TOKEN_ID_PREFIX):
+            raise UpstreamError(
+                f"{upstream} upstream keyed logprobs by text ({key!r}); it must honour "
+                "return_tokens_as_token_ids",
+                upstream=upstream,
+            )
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise UpstreamError(
+                f"{upstream} upstream returned a non-numeric logprob {value!r}",
+                upstream=upstream,
+            )
+        try:
+            token_id = int(key[len(_TOKEN_ID_PREFIX) :])
+        except ValueError as exc:
+            raise UpstreamError(
+                f"{upstream} upstream returned a bad token key {key!r}", upstream=upstream
+            ) from exc
+        mapping[token_id] = float(value)
+    if not mapping:
+        raise UpstreamError(
+            f"{upstream} upstream returned no usable top_logprobs", upstream=upstream
+        )
+    return mapping
+
+
+def parse_batch(body: Any, count: int, *, upstream: str) -> list[dict[int, float]]:
+    """A batched probe's answer: one mapping per prompt, by the choices' `index`."""
+    try:
+        choices = body["choices"]
+        by_index = {int(choice["index"]): choice for choice in choices}
+        return [parse_choice(by_index[i], upstream=upstream) for i in range(count)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpstreamError(
+            f"{upstream} upstream answered a batch of {count} probes without a choice for each",
+            upstream=upstream,
+        ) from exc
+
+
+@dataclass(slots=True)
+class _Probe:
+    prompt: list[int]
+    future: asyncio.Future[dict[int, float]]
+
+
+class ProbeBatcher:
+    """Coalesces the probes bound for one upstream replica (see the module docstring).
+
+    `send_one(prompt, k)` and `send_batch(prompts, k)` make the HTTP requests (with the
+    client's error mapping and retries); at most `max_batch` prompts travel in one request.
+    """
+
+    def __init__(self, send_one: SendOne, send_batch: SendBatch, *, max_batch: int) -> None:
+        self._send_one = send_one
+        self._send_batch = send_batch
+        self._max_batch = max_batch
+        self._pending: dict[int, list[_Probe]] = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, prompt: Sequence[int], k: int) -> dict[int, float]:
+        loop = asyncio.get_running_loop()
+        probe = _Probe(list(prompt), loop.create_future())
+        self._pending.setdefault(k, []).append(probe)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await probe.future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for k, probes in pending.items():
+            for start in range(0, len(probes), self._max_batch):
+                chunk = probes[start : start + self._max_batch]
+                task = asyncio.get_running_loop().create_task(self._send(chunk, k))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                abandon = functools.partial(_abandon, task, chunk)
+                for probe in chunk:
+                    probe.future.add_done_callback(abandon)
+
+    async def _send(self, probes: list[_Probe], k: int) -> None:
+        live = [p for p in probes if not p.future.done()]
+        if not live:
+            return
+        try:
+            if len(live) == 1:
+                results = [await self._send_one(live[0].prompt, k)]
+            else:
+                results = await self._send_batch([p.prompt for p in live], k)
+        except UpstreamRejectedError as exc:
+            if len(live) == 1:
+                _fail(live, exc)
+                return
+            # One prompt of the batch was refused: find out whose, each on its own.
+            async with asyncio.TaskGroup() as group:
+                for probe in live:
+                    group.create_task(self._send([probe], k))
+            return
+        except asyncio.CancelledError:
+            for probe in live:
+                probe.future.cancel()
+            raise
+        except Exception as exc:
+            _fail(live, exc)
+            return
+        for probe, result in zip(live, results, strict=True):
+            if not probe.future.done():
+                probe.future.set_result(result)
+
+    async def aclose(self) -> None:
+        """Cancel the requests in flight (the client is closing)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+
+def _fail(probes: Sequence[_Probe], exc: Exception) -> None:
+    for probe in probes:
+        if not probe.future.done():
+            probe.future.set_exception(exc)
+
+
+def _abandon(task: asyncio.Task[None], probes: Sequence[_Probe], _: object) -> None:
+    """A caller went away; when all of a batch's callers have, cancel its request."""
+    if not task.done() and all(p.future.cancelled() for p in probes):
+        task.cancel()
