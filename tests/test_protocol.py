@@ -1,19 +1,16 @@
-"""app/protocol.py: request validation, the request -> GenerationParams/MixConfig mapping, and
-the response builders (logprobs, diagnostics). No I/O."""
+"""app/protocol: request validation and the request -> GenerationParams/MixConfig mapping.
+No I/O. (The response builders are tested in tests/test_render.py.)"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from app import protocol
 from app.errors import InvalidRequestError
 from app.main import validation_message
-from app.sampling.types import StepResult
 from app.settings import Settings
 
 
@@ -28,24 +25,6 @@ def completion(**body: Any) -> protocol.CompletionRequest:
 def chat(**body: Any) -> protocol.ChatCompletionRequest:
     return protocol.ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], **body}
-    )
-
-
-def step(token_id: int, *, alpha: float | None = 0.5, reason: str = "solved") -> StepResult:
-    return StepResult(
-        token_id=token_id,
-        logprob=-0.5,
-        alpha=alpha,
-        reason=reason,  # type: ignore[arg-type]
-        js=0.1,
-        overlap_count=3,
-        overlap_mass=0.9,
-        kl_gap=float("nan"),
-        chernoff=float("inf"),
-        support_size=4,
-        filled_mass=0.0,
-        support=np.array([token_id], dtype=np.int64),
-        logq=np.array([-0.5]),
     )
 
 
@@ -232,59 +211,3 @@ def test_validation_message_for_bad_json_and_missing_body() -> None:
         [{"loc": ("body", "messages", 0, "content", "str"), "type": "string_type", "msg": "m"}]
     )
     assert param == "messages[0].content"
-
-
-# --- response builders ---------------------------------------------------------------------
-
-
-def test_ranked_logprobs_put_the_sampled_token_first_without_repeating_it() -> None:
-    ranked = protocol.ranked_logprobs(5, -2.0, {1: -0.1, 5: -2.0, 3: -1.0})
-    assert ranked == [(5, -2.0), (1, -0.1), (3, -1.0)]
-
-
-def test_colliding_token_texts_keep_every_entry() -> None:
-    # Two ids decoding to the same text (partial UTF-8 bytes) must not overwrite each other.
-    texts = {10: "\ufffd", 11: "\ufffd", 12: "a"}
-    top = protocol.completion_top_logprobs([(10, -0.5), (11, -1.0), (12, -math.inf)], texts, n=2)
-    assert top == {"\ufffd": -0.5, "token_id:11": -1.0, "a": protocol.LOGPROB_FLOOR}
-    assert protocol.completion_top_logprobs([(10, -0.5), (11, -1.0)], None, n=0) == {
-        "token_id:10": -0.5
-    }
-
-
-def test_completion_logprobs_shape() -> None:
-    result = protocol.completion_logprobs(
-        [1, 2], [-0.1, -0.2], [{1: -0.1, 3: -0.3}, None], [0, 1], {1: "a", 2: "b", 3: "c"}, 1
-    )
-    assert result.tokens == ["a", "b"]
-    assert result.token_logprobs == [-0.1, -0.2]
-    assert result.top_logprobs == [{"a": -0.1, "c": -0.3}, {"b": -0.2}]
-    assert result.text_offset == [0, 1]
-
-
-def test_chat_logprobs_list_top_n_and_bytes() -> None:
-    result = protocol.chat_logprobs([2], [-0.7], [{1: -0.1, 2: -0.7, 3: -2.0}], {1: "é"}, 2)
-    assert result.content is not None
-    entry = result.content[0]
-    assert entry.token == "token_id:2"  # no text known: vLLM's convention
-    assert [t.token for t in entry.top_logprobs] == ["é", "token_id:2"]
-    assert entry.top_logprobs[0].bytes == list("é".encode())
-
-
-def test_diagnostics_are_json_safe_and_summarised() -> None:
-    steps = [step(1, alpha=1.0, reason="first_token"), step(2, reason="unstable", alpha=1.0)]
-    steps.append(step(3, alpha=None, reason="single_token"))
-    diag = protocol.diagnostics(steps, summary=True)
-    assert diag.kl_gap == [None, None, None]  # NaN -> null
-    assert diag.chernoff == [None, None, None]  # inf -> null
-    assert diag.alpha == [1.0, 1.0, None]
-    assert diag.summary is not None
-    assert diag.summary.tokens == 3
-    assert diag.summary.alpha_mean == 1.0
-    assert diag.summary.fallback_rate == pytest.approx(1 / 3)
-    assert "summary" not in protocol.diagnostics(steps, summary=False).model_dump()
-
-
-def test_usage_counts_each_prompt_once() -> None:
-    usage = protocol.usage({0: 5, 1: 7}, 12)
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (12, 12, 24)
