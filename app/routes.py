@@ -1,7 +1,8 @@
 """Thin HTTP handlers: validate, check, build the prompts, generate, render.
 
-Each generation handler: the checks (app/protocol: pydantic, then `check(settings)`), the
-prompts (the backend tokenizes), then `_respond` with the response
+Each generation handler: the wire checks (app/protocol: pydantic, then `check()`), the
+request-level checks against the settings (the backend's `check`, app/plan.py) before any
+prompt is tokenized, the prompts (the backend tokenizes), then `_respond` with the response
 family's renderer (app/render), picked once, as a JSON body or an SSE stream (app/streaming.py).
 Admission (API keys, the concurrency limit) is app/main.py's middleware; errors are raised as
 app/errors.py exceptions and app/main.py renders them.
@@ -48,6 +49,10 @@ class Backend(Protocol):
         """Token id -> text for `logprobs` (app.pair.TokenTextCache)."""
 
     async def ready(self) -> bool: ...
+
+    def check(self, params: GenerationParams, prompts: int) -> None:
+        """The request-level checks (app/plan.py `check_request`); raises
+        InvalidRequestError before any upstream call."""
 
     async def completion_prompts(
         self,
@@ -185,8 +190,11 @@ async def models(request: Request) -> Response:
 async def create_completion(body: protocol.CompletionRequest, request: Request) -> Response:
     state = gateway(request)
     check_model(body.model, state.settings)
-    body.check(state.settings)
     params = body.generation_params(state.settings)
+    # The settings' checks first (they came first before they moved to app/plan.py, so a
+    # request with several problems still names the same one), and before any tokenizing.
+    state.backend.check(params, protocol.prompt_count(body.prompt))
+    body.check()
     prompts = await state.backend.completion_prompts(body.prompt, body.base_prompt)
     return await _respond(CompletionRenderer, body, prompts, params, request)
 
@@ -197,8 +205,9 @@ async def create_chat_completion(
 ) -> Response:
     state = gateway(request)
     check_model(body.model, state.settings)
-    body.check(state.settings)
     params = body.generation_params(state.settings)
+    state.backend.check(params, 1)  # first, as for completions
+    body.check()
     prompt = await state.backend.chat_prompt(
         body.chat_messages(), body.base_chat_messages(), body.base_prompt
     )

@@ -1,5 +1,6 @@
 """app/protocol: request validation and the request -> GenerationParams/MixConfig mapping.
-No I/O. (The response builders are tested in tests/test_render.py.)"""
+No I/O. (The response builders are tested in tests/test_render.py, the settings' checks in
+tests/test_plan.py.)"""
 
 from __future__ import annotations
 
@@ -157,12 +158,11 @@ def test_speculative_says_it_is_not_available_yet() -> None:
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": ["a", "b"], "base_prompt": "c"}, "base_prompt"),
-        ({"prompt": ["a", "b"], "n": 40}, "n"),
     ],
 )
 def test_semantic_checks_name_the_parameter(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        completion(**body).check(settings(max_n=64))
+        completion(**body).check()
     assert info.value.param == param
 
 
@@ -175,7 +175,7 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
         frequency_penalty=0.0,
         prompt=[[1, 2], [3]],
         base_prompt=["a", "b"],
-    ).check(settings())
+    ).check()
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
 )
 def test_chat_semantic_checks(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        chat(**body).check(settings())
+        chat(**body).check()
     assert info.value.param == param
 
 

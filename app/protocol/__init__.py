@@ -1,7 +1,7 @@
 """The OpenAI wire format, named as OpenAI / vLLM name it, and our extensions beside it.
 
 `requests`: the request models, their shape checks and their mapping to the engine's
-`GenerationParams`. `responses`: the response
+`GenerationParams` (checks against the settings are app/plan.py's). `responses`: the response
 models (bodies and stream chunks); app/render/ fills them. Everything is re-exported here, so
 callers write `protocol.CompletionRequest`, `protocol.CompletionResponse`.
 """

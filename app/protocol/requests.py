@@ -4,8 +4,9 @@ vLLM's extras, our extension fields of README.md "Extension fields": `base_promp
 
 Pydantic checks types, ranges and the prompt union's shape (app/prompts.py `prompt_list`, one
 function for HTTP and library callers); `check()` checks what needs several fields at once and
-the OpenAI fields this gateway does not implement, and prompts x n <= max_n. Every failure
-names the parameter, so the HTTP layer can answer 400 with OpenAI's `param`.
+the OpenAI fields this gateway does not implement. Every failure names the parameter, so the
+HTTP layer can answer 400 with OpenAI's `param`. Checks against the settings (prompts x n <=
+max_n, ...) are app/plan.py's, run by the route before any prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -128,13 +129,7 @@ class _SamplingRequest(OpenAIBaseModel):
             raise ValueError("a stop string must not be empty")
         return value
 
-    def _check_common(self, settings: Settings, prompts: int) -> None:
-        if prompts * self.n > settings.max_n:
-            raise InvalidRequestError(
-                f"this request asks for {prompts * self.n} choices (prompts x n); "
-                f"the limit is {settings.max_n}",
-                param="n",
-            )
+    def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "stream_options can only be set when stream is true", param="stream_options"
@@ -239,10 +234,10 @@ class CompletionRequest(_SamplingRequest):
             return None
         return _check_prompt_shape(value, info.field_name)
 
-    def check(self, settings: Settings) -> None:
-        """Checks that need the settings or several fields; raises InvalidRequestError."""
+    def check(self) -> None:
+        """Checks of several fields and of unsupported OpenAI fields (InvalidRequestError)."""
         count = prompt_count(self.prompt)
-        self._check_common(settings, count)
+        self._check_common()
         if self.base_prompt is not None and prompt_count(self.base_prompt) != count:
             raise InvalidRequestError(
                 f"base_prompt has {prompt_count(self.base_prompt)} prompt(s) but prompt has "
@@ -316,8 +311,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("base_prompt of a chat request is one string or one list of ids")
         return checked
 
-    def check(self, settings: Settings) -> None:
-        self._check_common(settings, 1)
+    def check(self) -> None:
+        """Checks of several fields and of unsupported OpenAI fields (InvalidRequestError)."""
+        self._check_common()
         if self.base_prompt is not None and self.base_messages is not None:
             raise InvalidRequestError(
                 "give base_prompt or base_messages, not both", param="base_prompt"
