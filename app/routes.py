@@ -1,9 +1,10 @@
 """Thin HTTP handlers: validate, check, build the prompts, generate, render.
 
-Each generation handler: the wire checks (app/protocol: pydantic, then `check()`), the
-request-level checks against the settings (the backend's `check`, app/plan.py) before any
-prompt is tokenized, the prompts (the backend tokenizes), then `_respond` with the response
-family's renderer (app/render), picked once, as a JSON body or an SSE stream (app/streaming.py).
+Each generation handler: the wire shapes (app/protocol, pydantic), the checks against the
+settings (the backend's `check`, app/plan.py) and the wire-only checks (the request's
+`check()`), all before any prompt is tokenized; then the prompts (the backend tokenizes) and
+`_respond` with the response family's renderer (app/render), picked once by the handler, as a
+JSON body or an SSE stream (app/streaming.py).
 Admission (API keys, the concurrency limit) is app/main.py's middleware; errors are raised as
 app/errors.py exceptions and app/main.py renders them.
 """
@@ -122,7 +123,7 @@ def set_outcome(request: Request, outcome: str) -> None:
 
 def check_model(model: str | None, settings: Settings) -> None:
     # Only the gateway's own name: accepting an upstream's name would suggest that model alone
-    # answers. An absent/empty model is accepted, like vLLM (reference §1).
+    # answers. An absent/empty model is accepted, like vLLM (docs/VLLM_API.md).
     if model and model != settings.model_name:
         raise ModelNotFoundError(
             f"The model `{model}` does not exist; this gateway serves `{settings.model_name}`.",
@@ -229,7 +230,7 @@ async def _respond(
     completions = await until_disconnect(request, state.backend.generate(prompts, params))
     if completions is None:
         return Response(status_code=499)  # nobody is listening; the status is for the logs
-    renderer = family(options)
+    renderer = family(options)  # built now: `created` is when the body was made
     texts = await _token_texts(state, renderer.completions_text_ids(completions))
     return _json(renderer.body(completions, texts))
 

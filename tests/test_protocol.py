@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from app import protocol
 from app.errors import InvalidRequestError
 from app.main import validation_message
+from app.prompts import prompt_list
 from app.settings import Settings
 
 
@@ -211,3 +212,18 @@ def test_validation_message_for_bad_json_and_missing_body() -> None:
         [{"loc": ("body", "messages", 0, "content", "str"), "type": "string_type", "msg": "m"}]
     )
     assert param == "messages[0].content"
+
+
+@pytest.mark.parametrize(
+    "prompt", ["", [], 5, [1, "a"], [True], ["a", ""], [-3], [[1], []], [[1, -1]]]
+)
+def test_prompt_shape_errors_are_prompt_lists_messages(prompt: object) -> None:
+    # One shape check (app/prompts.py) for HTTP and library callers: pydantic's 400 carries
+    # its message unchanged.
+    with pytest.raises(InvalidRequestError) as direct:
+        prompt_list(prompt, "prompt")
+    with pytest.raises(ValidationError) as info:
+        completion(prompt=prompt)
+    errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
+    assert validation_message(errors) == (f"invalid `prompt`: {direct.value.message}", "prompt")
+    assert direct.value.param == "prompt"
