@@ -40,7 +40,7 @@ from app.errors import (
     error_body,
     error_body_for,
 )
-from app.routes import ENDPOINTS, Backend, Gateway, HTTPObserver, router
+from app.routes import ENDPOINTS, OUTCOME_KEY, Backend, Gateway, HTTPObserver, router
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class AdmissionMiddleware:
         outcome = "internal_error"
         try:
             await self.app(scope, receive, send_status)
-            outcome = state.get("outcome") or _outcome(status)
+            outcome = state.get(OUTCOME_KEY) or _outcome(status)
         except BaseException as exc:
             outcome = "cancelled" if not isinstance(exc, Exception) else "internal_error"
             raise

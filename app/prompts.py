@@ -18,6 +18,50 @@ from app.upstream import UpstreamClient
 PromptInput = str | list[int] | list[str] | list[list[int]]
 
 
+def _is_id(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def prompt_list(value: object, param: str) -> list[str | list[int]]:
+    """The prompt union (`PromptInput`: text, ids, or a batch of either) as a list of prompts.
+
+    The one shape check of a prompt, for HTTP (app/protocol.py's validator) and library
+    callers alike: raises InvalidRequestError naming `param`, with one readable message
+    instead of one per union member."""
+
+    def invalid(message: str) -> InvalidRequestError:
+        return InvalidRequestError(message, param=param)
+
+    if isinstance(value, str):
+        if not value:
+            raise invalid(f"{param} must not be empty")
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise invalid(
+            f"{param} must be a non-empty string, a list of token ids, a list of strings "
+            "or a list of lists of token ids"
+        )
+    if all(isinstance(item, str) for item in value):
+        if not all(value):
+            raise invalid(f"{param} must not contain empty strings")
+        return list(value)
+    if all(_is_id(item) for item in value):
+        if any(item < 0 for item in value):
+            raise invalid(f"{param}: token ids must be >= 0")
+        return [list(value)]
+    if all(isinstance(item, list) for item in value):
+        for sub in value:
+            if not sub:
+                raise invalid(f"{param} must not contain empty token lists")
+            if not all(_is_id(i) and i >= 0 for i in sub):
+                raise invalid(f"{param}: token ids must be integers >= 0")
+        return [list(sub) for sub in value]
+    raise invalid(
+        f"{param} must be a string, a list of token ids, a list of strings "
+        "or a list of lists of token ids (not a mix)"
+    )
+
+
 def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str:
     """The base model's plain rendering of chat messages (Settings.base_*_format); the batch
     job renders its datasets' conversations with it too."""
@@ -44,8 +88,8 @@ class PromptBuilder:
         base_prompt: PromptInput | None = None,
     ) -> list[DualPrompt]:
         """Tokenize text prompts on each upstream (ids pass through)."""
-        teachers = self._prompt_list(prompt, "prompt")
-        bases = teachers if base_prompt is None else self._prompt_list(base_prompt, "base_prompt")
+        teachers = prompt_list(prompt, "prompt")
+        bases = teachers if base_prompt is None else prompt_list(base_prompt, "base_prompt")
         if len(bases) != len(teachers):
             raise InvalidRequestError(
                 f"base_prompt has {len(bases)} prompts but prompt has {len(teachers)}",
@@ -69,22 +113,6 @@ class PromptBuilder:
             DualPrompt(teacher=t.result(), base=b.result())
             for t, b in zip(teacher_tasks, base_tasks, strict=True)
         ]
-
-    @staticmethod
-    def _prompt_list(prompt: PromptInput, param: str) -> list[str | list[int]]:
-        if isinstance(prompt, str):
-            return [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise InvalidRequestError(f"{param} must not be empty", param=param)
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [[int(p) for p in prompt]]  # type: ignore[arg-type]
-        if all(isinstance(p, str) for p in prompt):
-            return [str(p) for p in prompt]
-        if all(isinstance(p, list) for p in prompt):
-            return [list(p) for p in prompt]  # type: ignore[arg-type]
-        raise InvalidRequestError(
-            f"{param} must be a string, a list of token ids, or a list of either", param=param
-        )
 
     async def chat_prompt(
         self,

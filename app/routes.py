@@ -1,33 +1,33 @@
-"""Thin HTTP handlers: validate, build the prompts, call the coordinator, pick the response.
+"""Thin HTTP handlers: validate, check, build the prompts, generate, render.
 
-Validation happens in app/protocol.py (types, ranges, `check(settings)`), admission (API keys,
-the concurrency limit) in app/main.py's middleware, generation in app/coordinator.py, SSE in
-app/streaming.py. Errors are raised as app/errors.py exceptions; app/main.py renders them.
+Each generation handler: the wire shapes (app/protocol, pydantic), the checks against the
+settings (the backend's `check`, app/plan.py) and the wire-only checks (the request's
+`check()`), all before any prompt is tokenized; then the prompts (the backend tokenizes) and
+`_respond` with the response family's renderer (app/render), picked once by the handler, as a
+JSON body or an SSE stream (app/streaming.py).
+Admission (API keys, the concurrency limit) is app/main.py's middleware; errors are raised as
+app/errors.py exceptions and app/main.py renders them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from app import protocol, streaming
-from app.coordinator import (
-    ChatMessage,
-    Completion,
-    DualPrompt,
-    Event,
-    GenerationParams,
-)
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
+from app.generation import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
 
@@ -50,6 +50,10 @@ class Backend(Protocol):
         """Token id -> text for `logprobs` (app.pair.TokenTextCache)."""
 
     async def ready(self) -> bool: ...
+
+    def check(self, params: GenerationParams, prompts: int) -> None:
+        """The request-level checks (app/plan.py `check_request`); raises
+        InvalidRequestError before any upstream call."""
 
     async def completion_prompts(
         self,
@@ -105,14 +109,21 @@ def gateway(request: Request) -> Gateway:
     return state
 
 
+# Where a request's outcome travels back to app/main.py's AdmissionMiddleware (the request
+# metrics' `outcome` label): the ASGI scope's "state", shared by the middleware and the request.
+OUTCOME_KEY = "outcome"
+
+
 def set_outcome(request: Request, outcome: str) -> None:
-    """Tell the admission middleware how the request ended (a stream's 200 may end badly)."""
-    request.scope.setdefault("state", {})["outcome"] = outcome
+    """Tell the admission middleware how the request ended, when its status alone does not say
+    (a stream's 200 may end in an error frame; a 499 is "cancelled"). Without it the
+    middleware derives the outcome from the status (app/main.py `_outcome`)."""
+    request.scope.setdefault("state", {})[OUTCOME_KEY] = outcome
 
 
 def check_model(model: str | None, settings: Settings) -> None:
     # Only the gateway's own name: accepting an upstream's name would suggest that model alone
-    # answers. An absent/empty model is accepted, like vLLM (reference §1).
+    # answers. An absent/empty model is accepted, like vLLM (docs/VLLM_API.md).
     if model and model != settings.model_name:
         raise ModelNotFoundError(
             f"The model `{model}` does not exist; this gateway serves `{settings.model_name}`.",
@@ -180,10 +191,13 @@ async def models(request: Request) -> Response:
 async def create_completion(body: protocol.CompletionRequest, request: Request) -> Response:
     state = gateway(request)
     check_model(body.model, state.settings)
-    body.check(state.settings)
     params = body.generation_params(state.settings)
+    # The settings' checks first (they came first before they moved to app/plan.py, so a
+    # request with several problems still names the same one), and before any tokenizing.
+    state.backend.check(params, protocol.prompt_count(body.prompt))
+    body.check()
     prompts = await state.backend.completion_prompts(body.prompt, body.base_prompt)
-    return await _respond("completions", body, prompts, params, request)
+    return await _respond(CompletionRenderer, body, prompts, params, request)
 
 
 @router.post("/v1/chat/completions")
@@ -192,162 +206,65 @@ async def create_chat_completion(
 ) -> Response:
     state = gateway(request)
     check_model(body.model, state.settings)
-    body.check(state.settings)
     params = body.generation_params(state.settings)
+    state.backend.check(params, 1)  # first, as for completions
+    body.check()
     prompt = await state.backend.chat_prompt(
         body.chat_messages(), body.base_chat_messages(), body.base_prompt
     )
-    return await _respond("chat", body, [prompt], params, request)
+    return await _respond(ChatRenderer, body, [prompt], params, request)
 
 
 async def _respond(
-    kind: Literal["completions", "chat"],
+    family: type[Renderer],
     body: protocol.CompletionRequest | protocol.ChatCompletionRequest,
     prompts: list[DualPrompt],
     params: GenerationParams,
     request: Request,
 ) -> Response:
+    """Generate and answer: a body, or an SSE stream (each rendered by `family`)."""
     state = gateway(request)
-    model = state.settings.model_name
-    diagnostics = body.diagnostics(state.settings)
-    as_ids = bool(body.return_tokens_as_token_ids)
+    options = RenderOptions.of(body, state.settings, params)
     if body.stream:
-        started = time.perf_counter()
-        renderer = streaming.StreamRenderer(
-            kind=kind,
-            model=model,
-            n=params.n,
-            logprobs=params.logprobs,
-            token_ids_as_strings=as_ids,
-            diagnostics=diagnostics,
-            include_usage=body.include_usage,
-            return_token_ids=bool(body.return_token_ids),
-        )
-        frames = streaming.event_frames(
-            state.backend.stream(prompts, params),
-            renderer,
-            token_texts=state.token_texts,
-            observer=state.metrics,
-            started=started,
-            set_outcome=lambda outcome: set_outcome(request, outcome),
-        )
-        # The first frame is awaited before the 200 goes out, so an upstream that fails at
-        # once still gets its own status (503, 504, ...) instead of an error frame.
-        first = await until_disconnect(request, anext(frames))
-        if first is None:
-            await frames.aclose()
-            return Response(status_code=499)
-        return StreamingResponse(
-            streaming.with_keepalive(
-                streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
-            ),
-            media_type="text/event-stream",
-            headers=streaming.SSE_HEADERS,
-        )
-
+        return await _stream(family(options), prompts, params, request)
     completions = await until_disconnect(request, state.backend.generate(prompts, params))
     if completions is None:
         return Response(status_code=499)  # nobody is listening; the status is for the logs
-    texts: Mapping[int, str] | None = None
-    if params.logprobs is not None:
-        ids = {i for c in completions for i in _listed_ids(c, params.logprobs)}
-        texts = await state.token_texts(sorted(ids))
-    prompt_tokens = {c.prompt_index: c.prompt_tokens for c in completions}
-    usage = protocol.usage(prompt_tokens, sum(c.completion_tokens for c in completions))
-    if kind == "completions":
-        return _json(
-            protocol.CompletionResponse(
-                model=model,
-                choices=[
-                    protocol.CompletionResponseChoice(
-                        index=c.index,
-                        text=c.text,
-                        logprobs=_completion_logprobs(c, texts, as_ids, params.logprobs),
-                        finish_reason=c.finish_reason,
-                        **_extras(c, body, diagnostics),
-                    )
-                    for c in completions
-                ],
-                usage=usage,
-            )
-        )
-    return _json(
-        protocol.ChatCompletionResponse(
-            model=model,
-            choices=[
-                protocol.ChatCompletionResponseChoice(
-                    index=c.index,
-                    message=protocol.ChatMessage(content=c.text),
-                    logprobs=_chat_logprobs(c, texts, as_ids, params.logprobs),
-                    finish_reason=c.finish_reason,
-                    **_extras(c, body, diagnostics),
-                )
-                for c in completions
-            ],
-            usage=usage,
-        )
+    renderer = family(options)  # built now: `created` is when the body was made
+    texts = await _token_texts(state, renderer.completions_text_ids(completions))
+    return _json(renderer.body(completions, texts))
+
+
+async def _stream(
+    renderer: Renderer, prompts: list[DualPrompt], params: GenerationParams, request: Request
+) -> Response:
+    state = gateway(request)
+    started = time.perf_counter()
+    frames = streaming.event_frames(
+        state.backend.stream(prompts, params),
+        renderer,
+        token_texts=state.token_texts,
+        observer=state.metrics,
+        started=started,
+        set_outcome=functools.partial(set_outcome, request),
+    )
+    # The first frame is awaited before the 200 goes out, so an upstream that fails at once
+    # still gets its own status (503, 504, ...) instead of an error frame.
+    first = await until_disconnect(request, anext(frames))
+    if first is None:
+        await frames.aclose()
+        return Response(status_code=499)
+    return StreamingResponse(
+        streaming.with_keepalive(
+            streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
+        ),
+        media_type="text/event-stream",
+        headers=streaming.SSE_HEADERS,
     )
 
 
-def _extras(
-    completion: Completion,
-    body: protocol.CompletionRequest | protocol.ChatCompletionRequest,
-    diagnostics: bool,
-) -> dict[str, Any]:
-    extra: dict[str, Any] = {"stop_reason": completion.stop_reason}
-    if body.return_token_ids:
-        extra["token_ids"] = completion.token_ids
-    if diagnostics:
-        extra["diagnostics"] = protocol.diagnostics(completion.steps, summary=True)
-    return extra
-
-
-def _listed_ids(completion: Completion, n: int) -> list[int]:
-    """The ids whose text `logprobs` shows: each token and its top-n alternatives."""
-    tops = _tops(completion)
-    return [
-        listed
-        for position, token_id in enumerate(completion.token_ids)
-        for listed, _ in protocol.ranked_logprobs(
-            token_id, completion.steps[position].logprob, tops[position]
-        )[: n + 1]
-    ]
-
-
-def _tops(completion: Completion) -> list[dict[int, float] | None]:
-    """One top-N dict (or None) per token id, whatever the coordinator recorded."""
-    tops: list[dict[int, float] | None] = list(completion.top_logprobs or [])
-    return (tops + [None] * len(completion.token_ids))[: len(completion.token_ids)]
-
-
-def _completion_logprobs(
-    completion: Completion, texts: Mapping[int, str] | None, as_ids: bool, n: int | None
-) -> protocol.CompletionLogProbs | None:
-    if n is None:
+async def _token_texts(state: Gateway, ids: list[int] | None) -> Mapping[int, str] | None:
+    """The texts of `ids` (None when the response shows no token strings)."""
+    if ids is None:
         return None
-    offsets, offset = [], 0
-    for token_id in completion.token_ids:
-        offsets.append(offset)
-        offset += len(protocol.token_string(token_id, texts))
-    return protocol.completion_logprobs(
-        completion.token_ids,
-        [s.logprob for s in completion.steps],
-        _tops(completion),
-        offsets,
-        None if as_ids else texts,
-        n,
-    )
-
-
-def _chat_logprobs(
-    completion: Completion, texts: Mapping[int, str] | None, as_ids: bool, n: int | None
-) -> protocol.ChatCompletionLogProbs | None:
-    if n is None:
-        return None
-    return protocol.chat_logprobs(
-        completion.token_ids,
-        [s.logprob for s in completion.steps],
-        _tops(completion),
-        None if as_ids else texts,
-        n,
-    )
+    return await state.token_texts(ids)

@@ -1,16 +1,13 @@
-"""Coordinator events -> OpenAI server-sent events (../shared/reference/vllm-api.md §2.6).
+"""Server-sent events: the framing, and the driver that turns engine events into frames
+(OpenAI's streaming format, docs/VLLM_API.md). The chunks themselves are app/render's.
 
 Framing: each event is `data: <json>\\n\\n`; the stream ends with `data: [DONE]\\n\\n`. An error
 after the stream has started goes out as ONE `data: {"error": ...}` frame (the body of
 app/errors.py's table, the same as the JSON error responses) followed by `data: [DONE]`; the
 OpenAI client raises `APIError` on it. While no event is ready, a comment line
 (`: keep-alive`) goes out every `Settings.stream_keepalive_seconds` so proxies keep the
-connection open; SSE clients ignore comments.
-
-Chunks: completions send one chunk per generated token (its text delta, which may be "" while
-text is held back, its logprobs and diagnostics), then one chunk with the finish reason and
-the flushed text. Chat sends the assistant role in the first chunk of each choice. With
-`stream_options.include_usage` a last chunk with `choices: []` and the usage precedes [DONE].
+connection open; SSE clients ignore comments. With `stream_options.include_usage` a last chunk
+with `choices: []` and the usage precedes [DONE].
 """
 
 from __future__ import annotations
@@ -20,17 +17,13 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from app import protocol
-from app.coordinator import Event, FinishEvent, TokenEvent
 from app.errors import INTERNAL, DualVLLMError, error_body, error_body_for
-from app.sampling.types import StepResult
+from app.generation import Event, FinishEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -63,150 +56,19 @@ def error_frame(exc: BaseException) -> bytes:
     return frame(error_body("internal server error", INTERNAL))
 
 
-@dataclass(slots=True)
-class _Choice:
-    steps: list[StepResult] = field(default_factory=list)  # kept only with diagnostics
-    offset: int = 0  # text_offset of the next token (sum of the token strings so far)
-    last_token_at: float | None = None
-    role_sent: bool = False
+class ChunkRenderer(Protocol):
+    """The chunks of one request's stream (app/render's renderers)."""
 
+    @property
+    def include_usage(self) -> bool: ...
 
-@dataclass(slots=True)
-class StreamRenderer:
-    """Turns one request's events into chunk frames (completions or chat)."""
+    def text_ids(self, event: TokenEvent) -> list[int] | None: ...
 
-    kind: Literal["completions", "chat"]
-    model: str
-    n: int
-    logprobs: int | None  # top-N of q, None = off
-    token_ids_as_strings: bool  # return_tokens_as_token_ids: "token_id:N" instead of text
-    diagnostics: bool
-    include_usage: bool
-    return_token_ids: bool
-    request_id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
-    choices: dict[int, _Choice] = field(default_factory=dict)
-    prompt_tokens: dict[int, int] = field(default_factory=dict)
-    completion_tokens: int = 0
+    def token_chunk(self, event: TokenEvent, texts: Mapping[int, str] | None) -> BaseModel: ...
 
-    def __post_init__(self) -> None:
-        if not self.request_id:
-            prefix = "cmpl" if self.kind == "completions" else "chatcmpl"
-            self.request_id = f"{prefix}-{uuid.uuid4().hex}"
+    def finish_chunk(self, event: FinishEvent) -> BaseModel: ...
 
-    def choice(self, index: int) -> _Choice:
-        return self.choices.setdefault(index, _Choice())
-
-    def token(self, event: TokenEvent, texts: Mapping[int, str] | None) -> bytes:
-        state = self.choice(event.index)
-        if self.diagnostics:  # only the finish chunk's summary reads them
-            state.steps.append(event.step)
-        extra: dict[str, Any] = {}
-        if self.return_token_ids:
-            extra["token_ids"] = [event.token_id]
-        if self.diagnostics:
-            extra["diagnostics"] = protocol.diagnostics([event.step], summary=False)
-        names = None if self.token_ids_as_strings else texts
-        if self.kind == "completions":
-            logprobs = None
-            if self.logprobs is not None:
-                logprobs = protocol.completion_logprobs(
-                    [event.token_id],
-                    [event.step.logprob],
-                    [event.top_logprobs],
-                    [state.offset],
-                    names,
-                    self.logprobs,
-                )
-                state.offset += len(protocol.token_string(event.token_id, texts))
-            return self._completion_chunk(event.index, event.text, logprobs, None, extra)
-        chat_logprobs = None
-        if self.logprobs is not None:
-            chat_logprobs = protocol.chat_logprobs(
-                [event.token_id], [event.step.logprob], [event.top_logprobs], names, self.logprobs
-            )
-        return self._chat_chunk(event.index, event.text, chat_logprobs, None, extra)
-
-    def _completion_chunk(
-        self,
-        index: int,
-        text: str,
-        logprobs: protocol.CompletionLogProbs | None,
-        finish_reason: str | None,
-        extra: dict[str, Any],
-    ) -> bytes:
-        return frame(
-            protocol.CompletionStreamResponse(
-                id=self.request_id,
-                created=self.created,
-                model=self.model,
-                choices=[
-                    protocol.CompletionResponseChoice(
-                        index=index,
-                        text=text,
-                        logprobs=logprobs,
-                        finish_reason=finish_reason,
-                        **extra,
-                    )
-                ],
-            )
-        )
-
-    def _chat_chunk(
-        self,
-        index: int,
-        text: str,
-        logprobs: protocol.ChatCompletionLogProbs | None,
-        finish_reason: str | None,
-        extra: dict[str, Any],
-    ) -> bytes:
-        state = self.choice(index)
-        delta = protocol.DeltaMessage(content=text)
-        if not state.role_sent:
-            delta = protocol.DeltaMessage(role="assistant", content=text)
-            state.role_sent = True
-        return frame(
-            protocol.ChatCompletionStreamResponse(
-                id=self.request_id,
-                created=self.created,
-                model=self.model,
-                choices=[
-                    protocol.ChatCompletionResponseStreamChoice(
-                        index=index,
-                        delta=delta,
-                        logprobs=logprobs,
-                        finish_reason=finish_reason,
-                        **extra,
-                    )
-                ],
-            )
-        )
-
-    def finish(self, event: FinishEvent) -> bytes:
-        state = self.choice(event.index)
-        self.prompt_tokens[event.index // self.n] = event.prompt_tokens
-        self.completion_tokens += event.completion_tokens
-        extra: dict[str, Any] = {"stop_reason": event.stop_reason}
-        if self.diagnostics:
-            summary = protocol.diagnostics([], summary=False)
-            summary.summary = protocol.summarize(state.steps)
-            extra["diagnostics"] = summary
-        if self.kind == "completions":
-            return self._completion_chunk(event.index, event.text, None, event.finish_reason, extra)
-        return self._chat_chunk(event.index, event.text, None, event.finish_reason, extra)
-
-    def usage(self) -> bytes:
-        usage = protocol.usage(self.prompt_tokens, self.completion_tokens)
-        chunk: BaseModel
-        if self.kind == "completions":
-            chunk = protocol.CompletionStreamResponse(
-                id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
-            )
-        else:
-            chunk = protocol.ChatCompletionStreamResponse(
-                id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
-            )
-        return frame(chunk)
+    def usage_chunk(self) -> BaseModel: ...
 
 
 Outcome = Callable[[str], None]
@@ -223,7 +85,7 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
 
 async def event_frames(
     events: AsyncIterator[Event],
-    renderer: StreamRenderer,
+    renderer: ChunkRenderer,
     *,
     token_texts: TokenTexts | None,
     observer: StreamObserver | None,
@@ -234,31 +96,29 @@ async def event_frames(
     still can answer with a proper HTTP status); after it, it becomes an error frame."""
     sent = False
     first_token = True
+    last_token_at: dict[int, float] = {}  # per choice, for the inter-token latency
     try:
         async for event in events:
             now = time.perf_counter()
             if isinstance(event, TokenEvent):
-                state = renderer.choice(event.index)
                 if observer is not None:
                     if first_token:
                         observer.time_to_first_token(now - started)
-                    elif state.last_token_at is not None:
-                        observer.inter_token_latency(now - state.last_token_at)
+                    elif event.index in last_token_at:
+                        observer.inter_token_latency(now - last_token_at[event.index])
                 first_token = False
-                state.last_token_at = now
+                last_token_at[event.index] = now
+                ids = renderer.text_ids(event)
                 texts = None
-                if token_texts is not None and renderer.logprobs is not None:
-                    ranked = protocol.ranked_logprobs(
-                        event.token_id, event.step.logprob, event.top_logprobs
-                    )
-                    texts = await token_texts([i for i, _ in ranked[: renderer.logprobs + 1]])
-                data = renderer.token(event, texts)
+                if token_texts is not None and ids is not None:
+                    texts = await token_texts(ids)
+                data = frame(renderer.token_chunk(event, texts))
             else:
-                data = renderer.finish(event)
+                data = frame(renderer.finish_chunk(event))
             sent = True
             yield data
         if renderer.include_usage:
-            yield renderer.usage()
+            yield frame(renderer.usage_chunk())
         set_outcome("ok")
     except asyncio.CancelledError:
         set_outcome("cancelled")

@@ -359,6 +359,30 @@ async def test_bad_input_is_400_naming_the_parameter(
         assert g.teacher.calls["/v1/completions"] == probes  # rejected before upstream work
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": ["a", "b"], "n": 40}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 65}),
+    ],
+)
+async def test_too_many_choices_is_400_naming_n_before_any_tokenizing(
+    gateway: Gateway, path: str, body: dict[str, Any]
+) -> None:
+    async with gateway(max_n=64) as g:
+        before = (g.teacher.calls["/tokenize"], g.base.calls["/tokenize"])
+        response = await g.client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        choices = 80 if path == "/v1/completions" else 65
+        assert response.json()["error"] == {
+            "message": f"this request asks for {choices} choices (prompts x n); the limit is 64",
+            "type": "invalid_request_error",
+            "param": "n",
+            "code": None,
+        }
+        assert (g.teacher.calls["/tokenize"], g.base.calls["/tokenize"]) == before
+
+
 async def test_top_k_above_the_upstream_limit_is_400_naming_mixing_top_k(
     gateway: Gateway,
 ) -> None:
@@ -535,6 +559,9 @@ class _Exploding:
 
     async def ready(self) -> bool:
         return False
+
+    def check(self, params: GenerationParams, prompts: int) -> None:
+        pass
 
     async def completion_prompts(self, prompt: Any, base_prompt: Any = None) -> list[DualPrompt]:
         return [DualPrompt(teacher=[1], base=[1])]

@@ -1,19 +1,18 @@
-"""app/protocol.py: request validation, the request -> GenerationParams/MixConfig mapping, and
-the response builders (logprobs, diagnostics). No I/O."""
+"""app/protocol: request validation and the request -> GenerationParams/MixConfig mapping.
+No I/O. (The response builders are tested in tests/test_render.py, the settings' checks in
+tests/test_plan.py.)"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from app import protocol
 from app.errors import InvalidRequestError
 from app.main import validation_message
-from app.sampling.types import StepResult
+from app.prompts import prompt_list
 from app.settings import Settings
 
 
@@ -28,24 +27,6 @@ def completion(**body: Any) -> protocol.CompletionRequest:
 def chat(**body: Any) -> protocol.ChatCompletionRequest:
     return protocol.ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], **body}
-    )
-
-
-def step(token_id: int, *, alpha: float | None = 0.5, reason: str = "solved") -> StepResult:
-    return StepResult(
-        token_id=token_id,
-        logprob=-0.5,
-        alpha=alpha,
-        reason=reason,  # type: ignore[arg-type]
-        js=0.1,
-        overlap_count=3,
-        overlap_mass=0.9,
-        kl_gap=float("nan"),
-        chernoff=float("inf"),
-        support_size=4,
-        filled_mass=0.0,
-        support=np.array([token_id], dtype=np.int64),
-        logq=np.array([-0.5]),
     )
 
 
@@ -178,12 +159,11 @@ def test_speculative_says_it_is_not_available_yet() -> None:
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": ["a", "b"], "base_prompt": "c"}, "base_prompt"),
-        ({"prompt": ["a", "b"], "n": 40}, "n"),
     ],
 )
 def test_semantic_checks_name_the_parameter(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        completion(**body).check(settings(max_n=64))
+        completion(**body).check()
     assert info.value.param == param
 
 
@@ -196,7 +176,7 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
         frequency_penalty=0.0,
         prompt=[[1, 2], [3]],
         base_prompt=["a", "b"],
-    ).check(settings())
+    ).check()
 
 
 @pytest.mark.parametrize(
@@ -211,7 +191,7 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
 )
 def test_chat_semantic_checks(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        chat(**body).check(settings())
+        chat(**body).check()
     assert info.value.param == param
 
 
@@ -234,57 +214,16 @@ def test_validation_message_for_bad_json_and_missing_body() -> None:
     assert param == "messages[0].content"
 
 
-# --- response builders ---------------------------------------------------------------------
-
-
-def test_ranked_logprobs_put_the_sampled_token_first_without_repeating_it() -> None:
-    ranked = protocol.ranked_logprobs(5, -2.0, {1: -0.1, 5: -2.0, 3: -1.0})
-    assert ranked == [(5, -2.0), (1, -0.1), (3, -1.0)]
-
-
-def test_colliding_token_texts_keep_every_entry() -> None:
-    # Two ids decoding to the same text (partial UTF-8 bytes) must not overwrite each other.
-    texts = {10: "\ufffd", 11: "\ufffd", 12: "a"}
-    top = protocol.completion_top_logprobs([(10, -0.5), (11, -1.0), (12, -math.inf)], texts, n=2)
-    assert top == {"\ufffd": -0.5, "token_id:11": -1.0, "a": protocol.LOGPROB_FLOOR}
-    assert protocol.completion_top_logprobs([(10, -0.5), (11, -1.0)], None, n=0) == {
-        "token_id:10": -0.5
-    }
-
-
-def test_completion_logprobs_shape() -> None:
-    result = protocol.completion_logprobs(
-        [1, 2], [-0.1, -0.2], [{1: -0.1, 3: -0.3}, None], [0, 1], {1: "a", 2: "b", 3: "c"}, 1
-    )
-    assert result.tokens == ["a", "b"]
-    assert result.token_logprobs == [-0.1, -0.2]
-    assert result.top_logprobs == [{"a": -0.1, "c": -0.3}, {"b": -0.2}]
-    assert result.text_offset == [0, 1]
-
-
-def test_chat_logprobs_list_top_n_and_bytes() -> None:
-    result = protocol.chat_logprobs([2], [-0.7], [{1: -0.1, 2: -0.7, 3: -2.0}], {1: "é"}, 2)
-    assert result.content is not None
-    entry = result.content[0]
-    assert entry.token == "token_id:2"  # no text known: vLLM's convention
-    assert [t.token for t in entry.top_logprobs] == ["é", "token_id:2"]
-    assert entry.top_logprobs[0].bytes == list("é".encode())
-
-
-def test_diagnostics_are_json_safe_and_summarised() -> None:
-    steps = [step(1, alpha=1.0, reason="first_token"), step(2, reason="unstable", alpha=1.0)]
-    steps.append(step(3, alpha=None, reason="single_token"))
-    diag = protocol.diagnostics(steps, summary=True)
-    assert diag.kl_gap == [None, None, None]  # NaN -> null
-    assert diag.chernoff == [None, None, None]  # inf -> null
-    assert diag.alpha == [1.0, 1.0, None]
-    assert diag.summary is not None
-    assert diag.summary.tokens == 3
-    assert diag.summary.alpha_mean == 1.0
-    assert diag.summary.fallback_rate == pytest.approx(1 / 3)
-    assert "summary" not in protocol.diagnostics(steps, summary=False).model_dump()
-
-
-def test_usage_counts_each_prompt_once() -> None:
-    usage = protocol.usage({0: 5, 1: 7}, 12)
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (12, 12, 24)
+@pytest.mark.parametrize(
+    "prompt", ["", [], 5, [1, "a"], [True], ["a", ""], [-3], [[1], []], [[1, -1]]]
+)
+def test_prompt_shape_errors_are_prompt_lists_messages(prompt: object) -> None:
+    # One shape check (app/prompts.py) for HTTP and library callers: pydantic's 400 carries
+    # its message unchanged.
+    with pytest.raises(InvalidRequestError) as direct:
+        prompt_list(prompt, "prompt")
+    with pytest.raises(ValidationError) as info:
+        completion(prompt=prompt)
+    errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
+    assert validation_message(errors) == (f"invalid `prompt`: {direct.value.message}", "prompt")
+    assert direct.value.param == "prompt"
