@@ -58,9 +58,40 @@ def compose() -> Doc:
     return doc
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with every VAR unset (the file's defaults)."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+class MissingVariableError(Exception):
+    pass
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` / `${VAR-default}` and `${VAR:?error}` /
+    `${VAR?error}`, with `env` as the environment (default: every VAR unset, except the ones
+    the file requires, which get a placeholder)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
+        value = (env or {}).get(name)
+        empty_counts = operator.startswith(":")
+        if value is not None and (value or not empty_counts):
+            return value
+        if operator.endswith("?"):
+            if env is None:
+                return f"<{name}>"
+            raise MissingVariableError(f"{name}: {argument}")
+        return argument
+
+    return _VARIABLE.sub(replace, value)
+
+
+def interpolate_all(node: Any, env: dict[str, str]) -> Any:
+    """The whole compose file as `docker compose config` would see it with `env`."""
+    if isinstance(node, dict):
+        return {k: interpolate_all(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_all(v, env) for v in node]
+    return interpolate(node, env) if isinstance(node, str) else node
 
 
 def env_dict(service: Doc) -> dict[str, str]:
@@ -273,6 +304,58 @@ def test_every_compose_service_has_a_healthcheck_and_sound_dependencies() -> Non
                 assert services[dep].get("healthcheck"), f"{dep} has no healthcheck"
     # The gateway's container healthcheck asks /ready (upstreams answer), not only /health.
     assert "/ready" in " ".join(services["gateway"]["healthcheck"]["test"])
+
+
+def test_compose_secrets_have_no_defaults_and_grafana_no_anonymous_access() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    with pytest.raises(MissingVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate_all(compose(), {})
+    with pytest.raises(MissingVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate_all(compose(), {"GRAFANA_ADMIN_PASSWORD": ""})
+    resolved = interpolate_all(compose(), {"GRAFANA_ADMIN_PASSWORD": "s3cret"})
+    assert resolved["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    # API keys come from the environment (unset = open, as the README says).
+    env = {"GRAFANA_ADMIN_PASSWORD": "s3cret", "DUAL_VLLM_API_KEYS": "sk-a,sk-b"}
+    gateway = interpolate_all(compose(), env)["services"]["gateway"]["environment"]
+    assert settings_from(gateway).api_keys == ["sk-a", "sk-b"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "DUAL_VLLM_API_KEYS=" in text  # shown in the file's instructions
+    assert "GRAFANA_ADMIN_PASSWORD=" in text
+    # .env.example (the README's `cp .env.example .env`) names every variable compose requires
+    # and the API keys; the filled-in .env stays out of git.
+    example = (ROOT / ".env.example").read_text()
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+    assert required == {"GRAFANA_ADMIN_PASSWORD"}
+    for name in (*required, "DUAL_VLLM_API_KEYS"):
+        assert re.search(rf"^{name}=$", example, re.M), name
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def published_ports(env: dict[str, str]) -> dict[str, list[str]]:
+    services = interpolate_all(compose(), env)["services"]
+    return {name: [str(p) for p in svc.get("ports", [])] for name, svc in services.items()}
+
+
+def test_compose_publishes_on_localhost_unless_asked() -> None:
+    env = {"GRAFANA_ADMIN_PASSWORD": "s3cret"}
+    ports = published_ports(env)
+    assert {name for name, published in ports.items() if published} == {
+        "gateway",
+        "prometheus",
+        "grafana",
+    }
+    for name, published in ports.items():
+        for port in published:
+            # host_ip:host_port:container_port, never the short forms that bind 0.0.0.0.
+            host_ip, host_port, container_port = port.split(":")
+            assert host_ip == "127.0.0.1", (name, port)
+            assert host_port == container_port, (name, port)
+    wide = published_ports({**env, "DUAL_VLLM_BIND": "0.0.0.0", "DUAL_VLLM_PUBLISH_PORT": "9000"})
+    assert wide["gateway"] == ["0.0.0.0:9000:8000"]
+    assert wide["grafana"] == ["0.0.0.0:3000:3000"]
 
 
 def test_compose_gateway_env_names_are_settings_fields() -> None:
