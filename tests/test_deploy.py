@@ -9,11 +9,15 @@ wiring between them (names, ports, probes, env vars = Settings fields, metrics =
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.resources
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ import jsonschema
 import kubernetes_validate.utils as kv
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import UPSTREAMS, Metrics
@@ -416,25 +422,145 @@ def instruction(stage: list[str], name: str) -> list[str]:
     return found
 
 
+def dockerfile_arg(name: str) -> str:
+    for line in dockerfile_lines():
+        match = re.fullmatch(rf"ARG\s+{name}=(\S+)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no ARG {name}")
+
+
+def entrypoint_script(stage: list[str]) -> tuple[list[str], str]:
+    """The gateway's ENTRYPOINT (`sh -c SCRIPT dual-vllm`) and its script."""
+    entrypoint: list[str] = json.loads(instruction(stage, "ENTRYPOINT")[-1])
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    return entrypoint, entrypoint[2]
+
+
+def test_dockerfile_base_image_is_pinned() -> None:
+    image = dockerfile_arg("PYTHON_IMAGE")
+    # An exact Python patch release on a named Debian release (a digest may follow).
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+    for name, stage in dockerfile_stages().items():
+        assert stage[0].startswith("FROM ${PYTHON_IMAGE} AS "), name
+
+
+def test_dockerfile_installs_from_the_constraints() -> None:
+    runs = " ".join(instruction(dockerfile_stages()["build"], "RUN"))
+    assert "pip install --no-compile -c constraints.txt ." in runs
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert re.fullmatch(r"[A-Za-z0-9_.\-]+", name), line
+            assert version, line
+            pins[canonicalize_name(name)] = version
+    # Every runtime dependency (and what they pull in) is pinned, to a version pyproject allows.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(dep) for dep in project["dependencies"]]
+    closure: set[str] = set()
+    while todo:
+        requirement = todo.pop()
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name in closure:
+            continue
+        closure.add(name)
+        if requirement in map(Requirement, project["dependencies"]):
+            assert requirement.specifier.contains(pins[name], prereleases=True), name
+        todo.extend(Requirement(r) for r in importlib.metadata.requires(name) or [])
+    assert closure == set(pins), closure ^ set(pins)
+
+
 def test_dockerfile_gateway_stage() -> None:
     stages = dockerfile_stages()
     assert list(stages)[-1] == "gateway", "`docker build .` must give the gateway"
     gateway = stages["gateway"]
-    assert re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim AS gateway", gateway[0])
+    assert re.match(r"FROM \$\{PYTHON_IMAGE\} AS gateway", gateway[0])
     user = instruction(gateway, "USER")
     assert user
     assert not user[-1].startswith(("root", "0")), "runs as root"
     health = instruction(gateway, "HEALTHCHECK")
     assert health
     assert "/health" in health[0]
-    entrypoint = json.loads(instruction(gateway, "ENTRYPOINT")[-1])
+    entrypoint, script = entrypoint_script(gateway)
     cmd = json.loads(instruction(gateway, "CMD")[-1])
-    assert entrypoint + cmd == ["dual-vllm", "serve"]
+    # `sh -c SCRIPT dual-vllm serve`: the script seeds numba's cache, then runs the CLI.
+    assert entrypoint[3:] == ["dual-vllm"]
+    assert cmd == ["serve"]
+    assert script.endswith('exec dual-vllm "$@"')
     assert "--workers" not in "\n".join(dockerfile_lines())  # one uvicorn worker
     # No compilers or build caches in the runtime image.
     assert not any("apt-get install" in line for line in gateway)
     env = " ".join(instruction(gateway, "ENV"))
     assert "DUAL_VLLM_HOST=0.0.0.0" in env  # reachable from outside the container
+
+
+CACHE_REPORT = """
+import json, sys
+import numba
+from app.sampling import kernel, warm_up
+warm_up()
+stats = [
+    (len(f.stats.cache_hits), len(f.stats.cache_misses))
+    for f in vars(kernel).values()
+    if isinstance(f, numba.core.registry.CPUDispatcher) and f.signatures
+]
+print(json.dumps({"argv": sys.argv[1:], "stats": stats}))
+"""
+
+
+def test_gateway_image_starts_with_the_compiled_kernel(tmp_path: Path) -> None:
+    """What the gateway image does, without Docker: its build RUN compiles the kernel into a
+    cache directory, its entrypoint copies that to the (writable) NUMBA_CACHE_DIR and execs
+    `dual-vllm`, and that process loads the kernel from the cache instead of compiling it."""
+    stage = dockerfile_stages()["gateway"]
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction(stage, "ENV"))))
+    assert image_env["NUMBA_CPU_NAME"] == "generic"  # valid on any x86-64 host
+    assert image_env["NUMBA_CACHE_DIR"].startswith("/tmp/")  # the writable mount
+    runs = " ".join(instruction(stage, "RUN"))
+    build = re.search(r'NUMBA_CACHE_DIR=(\S+) python -c "([^"]+)"', runs)
+    assert build is not None, "the gateway stage does not compile the kernel"
+    baked_dir, warm_code = build.groups()
+    _, script = entrypoint_script(stage)
+    assert baked_dir in script
+    baked, runtime, bin_dir = tmp_path / "baked", tmp_path / "tmp" / "numba", tmp_path / "bin"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "NUMBA_CPU_NAME": image_env["NUMBA_CPU_NAME"],
+    }
+    built = subprocess.run(
+        [sys.executable, "-c", warm_code],
+        env={**env, "NUMBA_CACHE_DIR": str(baked)},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    assert any(baked.rglob("*.nbi")), "no numba index written"
+    # `dual-vllm` stand-in: reports its arguments and where the kernel came from.
+    bin_dir.mkdir()
+    fake = bin_dir / "dual-vllm"
+    fake.write_text(f"#!{sys.executable}\n{CACHE_REPORT}")
+    fake.chmod(0o755)
+    started = subprocess.run(
+        ["/bin/sh", "-c", script.replace(baked_dir, str(baked)), "dual-vllm", "serve"],
+        env={**env, "NUMBA_CACHE_DIR": str(runtime), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    report = json.loads(started.stdout)
+    assert report["argv"] == ["serve"]
+    assert report["stats"], "no compiled kernel found"
+    assert all(hits >= 1 and misses == 0 for hits, misses in report["stats"]), report
 
 
 def test_dockerfile_cpu_stage_reuses_the_local_set_up() -> None:
@@ -471,7 +597,8 @@ def test_dockerignore_keeps_the_context_small() -> None:
         if not line.startswith("--from")
         for part in line.split()[:-1]
     }
-    assert copied <= {"pyproject.toml", "README.md", "app"}
+    assert copied <= {"pyproject.toml", "README.md", "LICENSE", "constraints.txt", "app"}
+    assert {"!LICENSE", "!constraints.txt"} <= set(lines)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
