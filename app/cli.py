@@ -15,6 +15,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from app.version import version
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.server", "run the OpenAI-compatible gateway"),
@@ -27,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="dual-vllm", description="dual-vllm gateway and tools")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)

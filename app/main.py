@@ -42,6 +42,7 @@ from app.errors import (
 )
 from app.routes import ENDPOINTS, OUTCOME_KEY, Backend, Gateway, HTTPObserver, router
 from app.settings import Settings
+from app.version import version
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    running_version = version()
+
+    @app.get("/version")
+    async def get_version() -> dict[str, str]:
+        """The gateway's version (open like /health: no API key, no upstream call)."""
+        return {"version": running_version}
+
     app.add_exception_handler(DualVLLMError, _dual_vllm_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

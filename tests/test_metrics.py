@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import ENDPOINTS, ERROR_KINDS, OUTCOMES, UPSTREAMS, Metrics
 from app.sampling.types import REASONS, Reason, StepResult
+from app.version import version
 
 ALLOWED_LABELS = {"endpoint", "outcome", "upstream", "kind", "reason", "le"}
 
@@ -78,6 +79,7 @@ def test_names_follow_conventions() -> None:
         "dual_vllm_inter_token_latency_seconds",
         "dual_vllm_requests_in_flight",
         "dual_vllm_step_duration_seconds",
+        "dual_vllm_build_info",
     ):
         assert required in names
     for family in families:
@@ -88,8 +90,16 @@ def test_names_follow_conventions() -> None:
         if family.type == "histogram" and "alpha" not in family.name:
             # Times are in seconds; everything else is dimensionless or nats.
             assert not re.search(r"_(ms|milliseconds|minutes)$", family.name)
+        allowed = ALLOWED_LABELS
+        if family.name == "dual_vllm_build_info":
+            allowed = allowed | {"version"}  # constant 1; one series per process
         for s in family.samples:
-            assert set(s.labels) <= ALLOWED_LABELS, (s.name, s.labels)
+            assert set(s.labels) <= allowed, (s.name, s.labels)
+
+
+def test_build_info_names_the_running_version() -> None:
+    got = {(name, labels): v for (name, labels), v in samples(Metrics()).items() if "build" in name}
+    assert got == {("dual_vllm_build_info", frozenset({("version", version())})): 1.0}
 
 
 def test_every_label_combination_exists_at_start() -> None:

@@ -2,9 +2,14 @@
 
 The gateway (create_app on a real uvicorn) talks to the fake vLLM pair over real HTTP; a few
 requests go through it (plain, streamed, chat, a client error, an upstream failure), Prometheus
-scrapes it every second with deploy/prometheus/rules.yml loaded, and then every recording rule
-and every dashboard panel expression is evaluated through Prometheus' HTTP API: each must
-evaluate without error and return data. promtool checks the shipped config and rules too.
+scrapes it every second with deploy/prometheus/rules.yml and alerts.yml loaded, and then every
+recording rule and every dashboard panel expression on the gateway's series is evaluated
+through Prometheus' HTTP API: each must evaluate without error and return data; every alert
+must evaluate without error. promtool checks the shipped config and rules too.
+
+The dashboard's upstream vLLM row queries the vLLM servers' own `vllm:*` metrics, which the
+fakes do not export: `test_vllm_dashboard_expressions_with_real_vllm` (marker `real_vllm`)
+scrapes the two real CPU vLLM servers with the shipped `vllm` scrape job and evaluates those.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import yaml
 from app.main import create_app
 from app.settings import Settings
 from tests.fakes import FakeVLLM, serve, serve_pair
+from tests.real_vllm import RealVLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dual-vllm.json"
 
 # Grafana's variables, made concrete: a range window covering several 1 s scrapes.
@@ -41,6 +48,7 @@ GRAFANA_VARIABLES = {
     "$__interval": "5s",
     "$__range": "5m",
     '"$instance"': '".*"',
+    '"$vllm_instance"': '".*"',
 }
 
 pytestmark = pytest.mark.timeout(240)
@@ -68,19 +76,23 @@ class Stack:
     teacher: FakeVLLM
 
 
+def gateway_job(gateway: str) -> dict[str, Any]:
+    return {
+        "job_name": "dual-vllm",
+        "metrics_path": "/metrics",
+        "static_configs": [{"targets": [gateway.removeprefix("http://")]}],
+    }
+
+
 @contextlib.contextmanager
-def run_prometheus(tmp_path: Path, gateway: str) -> Iterator[str]:
+def run_prometheus(
+    tmp_path: Path, gateway: str, extra_jobs: tuple[dict[str, Any], ...] = ()
+) -> Iterator[str]:
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {
-                "job_name": "dual-vllm",
-                "metrics_path": "/metrics",
-                "static_configs": [{"targets": [gateway.removeprefix("http://")]}],
-            }
-        ],
+        "rule_files": [str(RULES), str(ALERTS)],
+        "scrape_configs": [gateway_job(gateway), *extra_jobs],
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
@@ -229,7 +241,9 @@ def rule_exprs() -> dict[str, str]:
     return {rule["record"]: rule["expr"] for group in groups for rule in group["rules"]}
 
 
-def dashboard_exprs() -> list[tuple[str, str]]:
+def dashboard_exprs(*, vllm: bool) -> list[tuple[str, str]]:
+    """(panel title, expression) of every target; `vllm`: those on the vLLM servers' own
+    `vllm:*` series (the upstream row), else those on the gateway's series only."""
     doc = json.loads(DASHBOARD.read_text())
     out = []
     for panel in doc["panels"]:
@@ -238,8 +252,14 @@ def dashboard_exprs() -> list[tuple[str, str]]:
             for variable, concrete in GRAFANA_VARIABLES.items():
                 expr = expr.replace(variable, concrete)
             assert "$" not in expr, f"unreplaced variable in {expr}"
-            out.append((panel["title"], expr))
+            if ("vllm:" in expr) == vllm:
+                out.append((panel["title"], expr))
     return out
+
+
+def alert_names() -> set[str]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {rule["alert"] for group in groups for rule in group["rules"]}
 
 
 # --- promtool on the shipped files -----------------------------------------------------------
@@ -249,6 +269,7 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     for args in (
         ["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
         ["check", "rules", str(RULES)],
+        ["check", "rules", str(ALERTS)],
     ):
         result = subprocess.run(
             [binary("promtool"), *args], capture_output=True, text=True, timeout=60
@@ -281,10 +302,11 @@ def test_every_recording_rule_evaluates_with_data(stack: Stack) -> None:
     assert rules
     for record, expr in rules.items():
         assert values(stack.prometheus, expr), f"{record}: no data"
-    # Prometheus loaded the same file and evaluates it without errors.
+    # Prometheus loaded the same files and evaluates them (alerts too) without errors.
     body = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()
     loaded = [rule for group in body["data"]["groups"] for rule in group["rules"]]
-    assert {rule["name"] for rule in loaded} == set(rules)
+    assert {rule["name"] for rule in loaded if rule["type"] == "recording"} == set(rules)
+    assert {rule["name"] for rule in loaded if rule["type"] == "alerting"} == alert_names()
     assert all(rule["health"] == "ok" for rule in loaded), [
         (rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"
     ]
@@ -294,7 +316,7 @@ def test_every_recording_rule_evaluates_with_data(stack: Stack) -> None:
 
 
 def test_every_dashboard_expression_evaluates_with_data(stack: Stack) -> None:
-    exprs = dashboard_exprs()
+    exprs = dashboard_exprs(vllm=False)
     assert len(exprs) >= 20
     for title, expr in exprs:
         assert values(stack.prometheus, expr), f"panel {title!r}: no data for {expr}"
@@ -331,3 +353,53 @@ def test_the_numbers_reflect_the_traffic(stack: Stack) -> None:
 def test_a_missing_metric_would_be_caught(stack: Stack) -> None:
     """The checks above can fail: a query for a series the gateway does not export is empty."""
     assert values(stack.prometheus, "sum by (le) (rate(dual_vllm_alpha_total[30s]))") == []
+
+
+# --- the upstream vLLM row, against the two real CPU vLLM servers --------------------------------
+
+
+def shipped_vllm_job(base_url: str, teacher_url: str) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml's `vllm` job (labels and all), aimed at these servers."""
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "vllm"]
+    urls = {"base": base_url, "teacher": teacher_url}
+    for static in job["static_configs"]:
+        static["targets"] = [urls[static["labels"]["upstream"]].removeprefix("http://")]
+    assert {s["labels"]["upstream"] for s in job["static_configs"]} == set(urls)
+    return dict(job)
+
+
+@pytest.mark.real_vllm
+def test_vllm_dashboard_expressions_with_real_vllm(
+    real_vllm: RealVLLM, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every panel of the upstream vLLM row returns data when Prometheus scrapes real vLLM
+    servers with the shipped scrape job and a gateway sends them real traffic."""
+    exprs = dashboard_exprs(vllm=True)
+    assert len(exprs) >= 8
+    tmp_path = tmp_path_factory.mktemp("prometheus-vllm")
+    settings = Settings(base_url=[real_vllm.base_url], teacher_url=[real_vllm.teacher_url])
+    vllm_job = shipped_vllm_job(real_vllm.base_url, real_vllm.teacher_url)
+    with (
+        serve(create_app(settings), timeout=120, lifespan="on") as gateway,
+        run_prometheus(tmp_path, gateway, (vllm_job,)) as prom,
+    ):
+        assert wait_for(prom, 'up{job="vllm"} == 1', timeout=30) == [1.0, 1.0]
+        with httpx.Client(base_url=gateway, timeout=120) as client:
+            for seed in range(2):
+                response = client.post(
+                    "/v1/completions",
+                    json={"prompt": "The capital of France is", "max_tokens": 4, "seed": seed},
+                )
+                assert response.status_code == 200, response.text
+        served = httpx.get(f"{real_vllm.teacher_url}/metrics", timeout=10).text
+        total = re.search(r"^vllm:prompt_tokens_total\{[^}]*\} (\S+)$", served, re.M)
+        assert total is not None, "vLLM exports no vllm:prompt_tokens_total"
+        wait_for(prom, f'vllm:prompt_tokens_total{{upstream="teacher"}} >= {total.group(1)}')
+        time.sleep(2.5)
+        for title, expr in exprs:
+            found = values(prom, expr)
+            assert found, f"panel {title!r}: no data for {expr}"
+        # One series per upstream (the `upstream` label of the shipped job), e.g. the queues.
+        running = query(prom, "sum by (upstream) (vllm:num_requests_running)")["result"]
+        assert {item["metric"]["upstream"] for item in running} == {"base", "teacher"}
