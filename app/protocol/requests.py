@@ -57,7 +57,7 @@ class MixingOptions(OpenAIBaseModel):
     overlap_threshold: float | None = Field(None, ge=0.0, le=1.0)
     auto_fallback: StrictBool | None = None
     top_k: int | None = Field(None, ge=1, le=1024, description="K asked of each upstream")
-    # Speculative rounds (ALGORITHM.md §8) are not built yet; the field exists so clients
+    # Speculative rounds (docs/ALGORITHM.md §8) are not built yet; the field exists so clients
     # can send null, and anything else gets a message saying so (not pydantic's "should be None").
     speculative: Any = Field(None, description="speculative rounds: not available yet")
     diagnostics: StrictBool | None = None
@@ -170,7 +170,7 @@ class _SamplingRequest(OpenAIBaseModel):
 
     def mix_config(self, settings: Settings) -> MixConfig:
         """The server's defaults, then the preset, then the explicit `mixing` fields, plus the
-        request's OpenAI sampling options (ALGORITHM.md §2 and §5)."""
+        request's OpenAI sampling options (docs/ALGORITHM.md §2 and §5)."""
         return resolve_mixing(
             settings.mixing_defaults(),
             self.mixing.preset if self.mixing else None,

@@ -49,9 +49,10 @@ def fake_command(layout: Layout, spec: ServerSpec) -> list[str]:
 
 
 def slow_command(layout: Layout, spec: ServerSpec) -> list[str]:
-    """The stand-in, but healthy only after ~1.5 s: a server another command is still starting."""
+    """The stand-in, but healthy only after ~5 s (long enough on a loaded machine): a server
+    another command is still starting."""
     argv = fake_command(layout, spec)
-    argv[2] = "import time; time.sleep(1.5)\n" + FAKE_SERVER
+    argv[2] = "import time; time.sleep(5)\n" + FAKE_SERVER
     return argv
 
 
