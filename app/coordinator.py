@@ -20,11 +20,13 @@ docs/VLLM_API.md):
 4. `max_tokens`, then the context: "length". The context limit is the smaller of both
    upstreams' `max_model_len` minus their own prompt length.
 
-Text: the teacher's `/detokenize` of the generated ids. While streaming (or when stop strings
-need it) the text is detokenized after every token, concurrently with the next step's probes
-so it adds no latency, and released by `TextRelease`; otherwise the ids are detokenized once at
-the end. Either way the concatenated event texts equal `Completion.text`, which equals the
-detokenized ids (without a final EOS / stop id, and cut at a stop string).
+Text: the teacher tokenizer's decoding of the generated ids (app/detok.py: in process with
+DUAL_VLLM_TOKENIZER, else the teacher's `/detokenize`). While streaming (or when stop strings
+need it) the text is updated after every token from a bounded window of recent ids,
+concurrently with the next step's probes so it adds no latency, and released by
+`TextRelease`; otherwise the ids are decoded once at the end. Either way the concatenated
+event texts equal `Completion.text`, which equals the decoded ids (without a final EOS / stop
+id, and cut at a stop string).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from app.detok import IncrementalText
 from app.diagnostics import summary as diagnostics_summary
 from app.generation import (
     MAX_LOGPROBS,
@@ -104,6 +107,7 @@ class _Sequence:
     rng: np.random.Generator
     affinity: int
     text: TextRelease
+    decoded: IncrementalText  # the text of text_ids, decoding only recent ids
     generated: list[int] = field(default_factory=list)
     text_ids: list[int] = field(default_factory=list)  # generated ids that contribute text
     last_text: str = ""  # their text as last detokenized (incremental only; cut at a stop)
@@ -277,6 +281,7 @@ class Coordinator:
             rng=rng,
             affinity=_affinity(prompt.teacher, index % n),
             text=TextRelease(plan.stops, include_stop=plan.params.include_stop_str_in_output),
+            decoded=self.pair.incremental_text(),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)
@@ -321,7 +326,7 @@ class Coordinator:
                         next_step = asyncio.create_task(self._step(plan, seq))
                     released = ""
                     if plan.incremental and adds_text:
-                        text = await self.pair.detokenize(seq.text_ids, affinity=seq.affinity)
+                        text = await seq.decoded.text(seq.text_ids)
                         hit = seq.text.find_stop(text)
                         if hit is not None:
                             cut, stop = hit
@@ -388,7 +393,7 @@ class Coordinator:
             text = seq.last_text
         else:
             ids = seq.text_ids
-            text = await self.pair.detokenize(ids, affinity=seq.affinity) if ids else ""
+            text = await self.pair.detokenize(ids) if ids else ""
         rest = seq.text.flush(text)  # what is still held back (all of it if not incremental)
         emit(
             FinishEvent(

@@ -21,10 +21,10 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 import httpx
 
+from app.detok import Decoder, IncrementalText, LocalDecoder, RemoteDecoder
 from app.errors import UpstreamError, UpstreamUnavailableError
 from app.generation import Observer
 from app.sampling import topk_from_mapping
@@ -40,17 +40,14 @@ log = logging.getLogger(__name__)
 TOKENIZER_PROBE_TEXT = "Hello, world! Héllo wörld — 123 ✓ 日本語\n  tab\tend."
 
 
-class Detokenizer(Protocol):
-    async def detokenize(self, ids: Sequence[int]) -> str: ...
-
-
 class TokenTextCache:
     """Token id -> its text, for the `tokens` / `top_logprobs` keys of `logprobs`.
 
-    Texts come from the teacher's /detokenize of the single id (the gateway has no tokenizer).
-    The vocabulary is fixed, so a bounded LRU makes this a one-time cost per id."""
+    Texts come from the teacher's decoder (app/detok.py: its tokenizer in process, or its
+    /detokenize) of the single id. The vocabulary is fixed, so a bounded LRU makes this a
+    one-time cost per id."""
 
-    def __init__(self, source: Detokenizer, *, size: int = 65536, concurrency: int = 8) -> None:
+    def __init__(self, source: Decoder, *, size: int = 65536, concurrency: int = 8) -> None:
         self._source = source
         self._size = size
         self._texts: OrderedDict[int, str] = OrderedDict()
@@ -58,7 +55,7 @@ class TokenTextCache:
 
     async def _one(self, token_id: int) -> None:
         async with self._limit:
-            text = await self._source.detokenize([token_id])
+            text = await self._source.decode([token_id])
         self._texts[token_id] = text
         while len(self._texts) > self._size:
             self._texts.popitem(last=False)
@@ -117,7 +114,10 @@ class UpstreamPair:
         )
         self.models: dict[str, ModelInfo] = {}
         self.eos_token_ids: frozenset[int] = frozenset()
-        self.token_texts = TokenTextCache(self.teacher)
+        self.decoder: Decoder = RemoteDecoder(self.teacher.detokenize)
+        if settings.tokenizer is not None:
+            self.decoder = self._local_decoder(settings.tokenizer)
+        self.token_texts = TokenTextCache(self.decoder)
 
     async def start(self) -> None:
         """Open both clients and run the start-up checks; a failure closes them and raises
@@ -161,6 +161,7 @@ class UpstreamPair:
             probe = base_ids[:4]  # short: fits any context length
             await both(self.base.check_logprobs(probe, k), self.teacher.check_logprobs(probe, k))
             self.eos_token_ids = await self._eos_ids()
+            await self._check_decoder(teacher_ids)
         except UpstreamError as exc:
             client = self.base if exc.upstream == "base" else self.teacher
             hint = ""
@@ -203,6 +204,19 @@ class UpstreamPair:
             )
         return frozenset(ids)
 
+    async def _check_decoder(self, ids: list[int]) -> None:
+        """An in-process tokenizer must decode like the teacher's own (DUAL_VLLM_TOKENIZER
+        pointing at another model's tokenizer would silently change every text)."""
+        if isinstance(self.decoder, LocalDecoder):
+            probe = [*ids, *sorted(self.eos_token_ids)]
+            local, remote = self.decoder.decode_now(probe), await self.teacher.detokenize(probe)
+            if local != remote:
+                raise StartupError(
+                    f"the tokenizer at DUAL_VLLM_TOKENIZER={str(self.decoder.path)!r} decodes "
+                    f"the probe ids to {local!r} but the teacher to {remote!r}: point it at the "
+                    "teacher's own tokenizer (or unset it to use the teacher's /detokenize)"
+                )
+
     async def ready(self) -> bool:
         """Both upstreams answer (for GET /ready)."""
         base_ok, teacher_ok = await both(self.base.health(), self.teacher.health())
@@ -219,6 +233,19 @@ class UpstreamPair:
         )
         return to_topk(base, "base"), to_topk(teacher, "teacher")
 
-    async def detokenize(self, ids: Sequence[int], *, affinity: int = 0) -> str:
-        """The teacher's text of `ids` (the gateway's output text)."""
-        return await self.teacher.detokenize(ids, affinity=affinity)
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        """The teacher's text of `ids` (the gateway's output text; app/detok.py)."""
+        return await self.decoder.decode(ids)
+
+    def incremental_text(self) -> IncrementalText:
+        """A sequence's text kept up to date decoding only recent ids (app/detok.py)."""
+        return IncrementalText(self.decoder)
+
+    @staticmethod
+    def _local_decoder(path: str) -> LocalDecoder:
+        try:
+            return LocalDecoder(path)
+        except Exception as exc:  # a missing file, a broken tokenizer.json, no `tokenizers`
+            raise StartupError(
+                f"cannot load the teacher's tokenizer from DUAL_VLLM_TOKENIZER={path!r}: {exc}"
+            ) from exc

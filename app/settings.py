@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     base_model: str | None = Field(None, description="served model name; None = /v1/models")
     teacher_model: str | None = None
     top_k: int = Field(20, ge=1, le=1024, description="logprobs K asked of each upstream")
+    tokenizer: str | None = Field(
+        None,
+        description="the teacher's tokenizer.json (or its model folder) for decoding text in "
+        "process; None = the teacher's /detokenize",
+    )
     eos_token_ids: Annotated[list[int] | None, NoDecode] = Field(
         None, description="teacher EOS ids; None = discovered from the teacher at start"
     )

@@ -42,6 +42,7 @@ class RealVLLM:
     teacher_url: str
     base_model: str = BASE_MODEL
     teacher_model: str = TEACHER_MODEL
+    tokenizer: str = ""  # the teacher's model folder (DUAL_VLLM_TOKENIZER)
 
 
 def _port(name: str, default: int) -> int:
@@ -58,7 +59,7 @@ def real_vllm() -> Iterator[RealVLLM]:
         _port("DUAL_VLLM_TEST_TEACHER_PORT", TEACHER_PORT),
     )
     base, teacher = specs
-    pair = RealVLLM(base_url=base.url, teacher_url=teacher.url)
+    pair = RealVLLM(base_url=base.url, teacher_url=teacher.url, tokenizer=str(layout.teacher))
     if all(serves(spec) for spec in specs):
         yield pair
         return

@@ -621,7 +621,7 @@ async def test_ready_and_metrics(gateway: Gateway) -> None:
 
 
 class _DownDetokenizer:
-    async def detokenize(self, ids: Sequence[int]) -> str:
+    async def decode(self, ids: Sequence[int]) -> str:
         await asyncio.sleep(0)
         raise UpstreamUnavailableError("teacher is down", upstream="teacher")
 

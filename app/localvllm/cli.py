@@ -125,7 +125,13 @@ def run_gateway(
     """`sys.executable -m app serve` in the foreground; stop it and the servers this command
     launched (by their PIDs) at the end."""
     base, teacher = specs
-    env = {**os.environ, "DUAL_VLLM_BASE_URL": base.url, "DUAL_VLLM_TEACHER_URL": teacher.url}
+    env = {
+        **os.environ,
+        "DUAL_VLLM_BASE_URL": base.url,
+        "DUAL_VLLM_TEACHER_URL": teacher.url,
+        # The teacher's tokenizer in process: output text without a /detokenize per token.
+        "DUAL_VLLM_TOKENIZER": str(layout.teacher),
+    }
     if args.host is not None:
         env["DUAL_VLLM_HOST"] = args.host
     if args.port is not None:
