@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,15 @@ from app.batch.runbatch import BatchOptions, parse_lines, partial_path, run_batc
 from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import Settings
-from tests.fakes import BASE_URL, TEACHER_URL, FakeVLLM, fake_pair, pair_transport, serve
+from tests.fakes import (
+    BASE_URL,
+    TEACHER_URL,
+    FakeVLLM,
+    fake_pair,
+    pair_transport,
+    serve,
+    serve_pair,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -322,3 +336,99 @@ def test_cli_errors(
     upstreams = ["--base-url", "http://127.0.0.1:9", "--teacher-url", "http://127.0.0.1:9"]
     assert cli_main(["run-batch", "-i", str(tmp_path / "nope.jsonl"), "-o", out, *upstreams]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9 and resume (a real subprocess against the fakes on real ports)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kill_batch() -> str:
+    lines = []
+    for i in range(10):
+        if i % 2:
+            body: dict[str, Any] = {"messages": _user(f"Question {i}?"), "max_tokens": 8}
+            url = CHAT
+        else:
+            body, url = {"prompt": f"Prompt {i}:", "max_tokens": 8}, COMPLETIONS
+        body.update(seed=100 + i, mixing={"diagnostics": True})
+        lines.append(_line(f"k{i}", url, body))
+    lines.insert(4, "not json")
+    # Longer than the fake's context (2048): the API's 400, on every run.
+    lines.insert(7, _line("too-long", COMPLETIONS, {"prompt": "x" * 2100, "seed": 1}))
+    return "\n".join(lines) + "\n"
+
+
+def _cmd(source: Path, out: Path, base_url: str, teacher_url: str) -> list[str]:
+    return [
+        sys.executable, "-m", "app", "run-batch", "-i", str(source), "-o", str(out),
+        "--concurrency", "3", "--quiet", "--base-url", base_url, "--teacher-url", teacher_url,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUAL_VLLM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_kill_9_then_resume_answers_every_line_exactly_once(tmp_path: Path) -> None:
+    base, teacher = fake_pair(eos_after=8)
+    source = tmp_path / "batch.jsonl"
+    source.write_text(_kill_batch(), encoding="utf-8")
+    with serve_pair(base, teacher) as (base_url, teacher_url, _, _):
+        reference = tmp_path / "reference.jsonl"
+        done = subprocess.run(
+            _cmd(source, reference, base_url, teacher_url),
+            env=_env(), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        expected = [json.loads(line) for line in reference.read_text().splitlines()]
+
+        base.faults.latency = teacher.faults.latency = 0.01
+        out = tmp_path / "out.jsonl"
+        store = partial_path(out)
+        rng = random.Random(99)
+        kills = 0
+        for _ in range(3):
+            proc = subprocess.Popen(
+                _cmd(source, out, base_url, teacher_url),
+                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            target = _lines(store) + rng.randint(1, 3)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _lines(store) >= target:
+                    time.sleep(rng.uniform(0.0, 0.1))
+                    break
+                time.sleep(0.005)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+        assert kills >= 2, "the batch finished before it could be killed: make it slower"
+        assert not out.exists()  # the output appears only once every line has a record
+
+        final = subprocess.run(
+            _cmd(source, out, base_url, teacher_url),
+            env=_env(), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert final.returncode == 0, final.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == [r["custom_id"] for r in expected]  # no gaps
+    stored = [json.loads(line)["id"] for line in store.read_text().splitlines()]
+    assert len(stored) == len(set(stored)) == len(records)  # exactly once, compacted
+    for got, want in zip(records, expected, strict=True):
+        assert got["response"]["status_code"] == want["response"]["status_code"]
+        if want["response"]["body"] is not None:
+            # Same body, same seed: the resumed line got the tokens of the uninterrupted run.
+            assert _stable(got["response"]["body"]) == _stable(want["response"]["body"])
+        else:
+            assert got["error"] == want["error"]
+    statuses = [r["response"]["status_code"] for r in records]
+    assert statuses.count(400) == 2
