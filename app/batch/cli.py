@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.batch.datasets import FORMATS, DatasetError, parse_shard
+from app.batch.export import OUTPUT_FORMATS, ExportError, detect_output_format
 from app.batch.job import Job, Templates
 from app.batch.records import Totals
 from app.batch.runner import JobAborted, run_job
@@ -74,7 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--shard", type=str, help="I/N: this job's share of the dataset")
 
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", required=True, type=Path, help="JSONL file (resumable)")
+    out.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="output: a JSONL file (resumable), a .parquet file or, with --output-format hf, "
+        "a datasets folder (both written at the end from <output>.partial.jsonl)",
+    )
+    out.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        help="jsonl, parquet, or hf (a Hugging Face datasets folder; needs the `datasets` "
+        "package) (default: parquet for a .parquet/.pq output, else jsonl)",
+    )
+    out.add_argument(
+        "--completion-order",
+        action="store_true",
+        help="keep the finished file in the order samples completed (default: dataset order, "
+        "then sample index)",
+    )
     out.add_argument(
         "--diagnostics",
         action="store_true",
@@ -211,6 +231,8 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
         allow_config_change=args.allow_config_change,
         quiet=args.quiet,
         fsync_interval=args.fsync_interval,
+        output_format=detect_output_format(args.output, args.output_format),
+        completion_order=args.completion_order,
     )
 
 
@@ -248,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         totals = asyncio.run(main())
-    except (DatasetError, StoreError) as exc:
+    except (DatasetError, StoreError, ExportError) as exc:
         sys.stderr.write(f"dual-vllm generate: {exc}\n")
         return 2
     except JobAborted as exc:

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from app.batch.datasets import PromptRow, SampleKey, sample_seed
+from app.batch.export import check_available, export
 from app.batch.job import Job, PromptSpec, check_config, plan
 from app.batch.records import Outcome, SampleOutput, Totals, format_summary, sample_record
-from app.batch.writer import ResultStore
+from app.batch.writer import ResultStore, final_records
 from app.coordinator import Coordinator
 from app.errors import DualVLLMError, UpstreamError
 from app.generation import ChatMessage, DualPrompt, GenerationParams
@@ -223,12 +224,14 @@ async def run_job(
         for index in range(job.samples):
             order[(row.id, index)] = len(order)
     totals = Totals(total=len(order))
-    with ResultStore(job.output, fsync_interval=job.fsync_interval) as store:
+    if job.output_format != "jsonl":
+        check_available(job.output_format)  # before any generation, not after it
+    with ResultStore(job.store_path, fsync_interval=job.fsync_interval) as store:
         if store.state.truncated_bytes:
             log.warning(
                 "dropped a torn last line (%d bytes) of %s: an interrupted write",
                 store.state.truncated_bytes,
-                job.output,
+                job.store_path,
             )
         check_config(job, store, set(order))
         done = store.state.done
@@ -256,8 +259,12 @@ async def run_job(
                 async with coordinator_factory(settings) as coord:
                     runner = _Runner(job, coord, store, totals, bar)
                     await runner.run(pending)
-        if store.state.superseded:
-            compacted = store.compact(order)
+        # Every sample was attempted: the file holds each exactly once (its last record), in
+        # dataset order (position, then sample index) unless asked to keep completion order.
+        if store.state.superseded or (pending and not job.completion_order):
+            compacted = store.compact(None if job.completion_order else order)
+        if job.output_format != "jsonl":
+            export(final_records(job.store_path), job.output, job.output_format, quiet=job.quiet)
     stdout.write(format_summary(totals, job.output, compacted))
     stdout.flush()
     return totals
