@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from app.batch.datasets import FORMATS, DatasetError, parse_shard
 from app.batch.export import OUTPUT_FORMATS, ExportError, detect_output_format
+from app.batch.gateway import GatewayBackend
 from app.batch.job import Job, Templates
 from app.batch.records import Totals
 from app.batch.runner import JobAborted, run_job
@@ -175,6 +177,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mix.add_argument("--top-k", type=int, help="logprobs K asked of each upstream")
 
+    gw = parser.add_argument_group("gateway (instead of the upstreams)")
+    gw.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="generate through a deployed gateway over HTTP (e.g. http://gateway:8000) "
+        "instead of talking to the two vLLM servers; the records have the same fields",
+    )
+    gw.add_argument(
+        "--api-key",
+        help="the gateway's API key (default: $DUAL_VLLM_API_KEY, else $OPENAI_API_KEY)",
+    )
+
     up = parser.add_argument_group("upstreams (default: DUAL_VLLM_* environment)")
     up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
     up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
@@ -188,7 +202,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    gateway = getattr(args, "gateway", None)
+    if gateway:
+        # Through a gateway the upstream URLs are never used; the rest of the settings
+        # (mixing defaults, base formats, top_k) still shapes every request.
+        overrides.update(base_url=[gateway], teacher_url=[gateway])
     return Settings(**overrides)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("DUAL_VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
@@ -266,6 +289,11 @@ def run(args: argparse.Namespace) -> int:
         if task is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        if args.gateway:
+            url, key = args.gateway, api_key(args)
+            return await run_job(
+                job, settings, coordinator_factory=lambda _s: GatewayBackend(url, key)
+            )
         return await run_job(job, settings)
 
     try:
