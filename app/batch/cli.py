@@ -39,7 +39,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     what the default is, nor for None (unset; the help or the group says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "(default" in (action.help or ""):
+        # Nor for an off switch (False) or an empty repeatable option: "(default: [])".
+        if action.default in (None, False, []) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -159,21 +160,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     mix = parser.add_argument_group("mixing (README.md `mixing.*`; default: the server settings)")
-    mix.add_argument("--preset", choices=sorted(PRESETS))
-    mix.add_argument("--alpha", type=_optional_float, default=argparse.SUPPRESS)
     mix.add_argument(
-        "--force-first-token", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from this preset's full values; the options below override it",
     )
     mix.add_argument(
-        "--trust-region-top-p", type=_optional_float, default=argparse.SUPPRESS, metavar="RHO"
+        "--alpha",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        help="fixed mixing weight (0 = base, 1 = teacher); none = solved at every token",
     )
     mix.add_argument(
-        "--stability-check", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--force-first-token",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="the first token comes from the teacher alone",
     )
-    mix.add_argument("--js-threshold", type=float, default=argparse.SUPPRESS)
-    mix.add_argument("--overlap-threshold", type=float, default=argparse.SUPPRESS)
     mix.add_argument(
-        "--auto-fallback", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--trust-region-top-p",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        metavar="RHO",
+        help="restrict both models to the teacher's top-p nucleus first; none = off",
+    )
+    mix.add_argument(
+        "--stability-check",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="run the stability test at every token",
+    )
+    mix.add_argument(
+        "--js-threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="unstable when the Jensen-Shannon divergence is above this",
+    )
+    mix.add_argument(
+        "--overlap-threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="unstable when the shared top-K mass is below this",
+    )
+    mix.add_argument(
+        "--auto-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="on an unstable token, use the teacher alone",
     )
     mix.add_argument("--top-k", type=int, help="logprobs K asked of each upstream")
 
@@ -192,8 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up = parser.add_argument_group("upstreams (default: DUAL_VLLM_* environment)")
     up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
     up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
-    up.add_argument("--base-model")
-    up.add_argument("--teacher-model")
+    up.add_argument("--base-model", help="the base server's model name (default: asked of it)")
+    up.add_argument(
+        "--teacher-model", help="the teacher server's model name (default: asked of it)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -465,8 +465,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up = parser.add_argument_group("upstreams (default: the DUAL_VLLM_* environment, as `serve`)")
     up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
     up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
-    up.add_argument("--base-model", help="the base server's model name")
-    up.add_argument("--teacher-model", help="the teacher server's model name")
+    up.add_argument("--base-model", help="the base server's model name (default: asked of it)")
+    up.add_argument(
+        "--teacher-model", help="the teacher server's model name (default: asked of it)"
+    )
 
 
 def _fail(message: str, code: int) -> int:
