@@ -21,6 +21,7 @@ from app.version import version
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.server", "run the OpenAI-compatible gateway"),
     "generate": ("app.batch.cli", "turn a dataset of prompts into a JSONL training set"),
+    "run-batch": ("app.batch.runbatch", "run an OpenAI batch file through the gateway in process"),
     "report": ("app.batch.report", "summarise a generate output file (plots, HTML)"),
     "local": ("app.localvllm.cli", "set up and run two real CPU vLLM servers with a small model"),
 }

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.batch.datasets import FORMATS, DatasetError, parse_shard
+from app.batch.export import OUTPUT_FORMATS, ExportError, detect_output_format
+from app.batch.gateway import GatewayBackend
 from app.batch.job import Job, Templates
 from app.batch.records import Totals
 from app.batch.runner import JobAborted, run_job
@@ -36,7 +39,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     what the default is, nor for None (unset; the help or the group says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "(default" in (action.help or ""):
+        # Nor for an off switch (False) or an empty repeatable option: "(default: [])".
+        if action.default in (None, False, []) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -74,7 +78,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--shard", type=str, help="I/N: this job's share of the dataset")
 
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", required=True, type=Path, help="JSONL file (resumable)")
+    out.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="output: a JSONL file (resumable), a .parquet file or, with --output-format hf, "
+        "a datasets folder (both written at the end from <output>.partial.jsonl)",
+    )
+    out.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        help="jsonl, parquet, or hf (a Hugging Face datasets folder; needs the `datasets` "
+        "package) (default: parquet for a .parquet/.pq output, else jsonl)",
+    )
+    out.add_argument(
+        "--completion-order",
+        action="store_true",
+        help="keep the finished file in the order samples completed (default: dataset order, "
+        "then sample index)",
+    )
     out.add_argument(
         "--diagnostics",
         action="store_true",
@@ -137,29 +160,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     mix = parser.add_argument_group("mixing (README.md `mixing.*`; default: the server settings)")
-    mix.add_argument("--preset", choices=sorted(PRESETS))
-    mix.add_argument("--alpha", type=_optional_float, default=argparse.SUPPRESS)
     mix.add_argument(
-        "--force-first-token", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from this preset's full values; the options below override it",
     )
     mix.add_argument(
-        "--trust-region-top-p", type=_optional_float, default=argparse.SUPPRESS, metavar="RHO"
+        "--alpha",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        help="fixed mixing weight (0 = base, 1 = teacher); none = solved at every token",
     )
     mix.add_argument(
-        "--stability-check", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--force-first-token",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="the first token comes from the teacher alone",
     )
-    mix.add_argument("--js-threshold", type=float, default=argparse.SUPPRESS)
-    mix.add_argument("--overlap-threshold", type=float, default=argparse.SUPPRESS)
     mix.add_argument(
-        "--auto-fallback", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+        "--trust-region-top-p",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        metavar="RHO",
+        help="restrict both models to the teacher's top-p nucleus first; none = off",
+    )
+    mix.add_argument(
+        "--stability-check",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="run the stability test at every token",
+    )
+    mix.add_argument(
+        "--js-threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="unstable when the Jensen-Shannon divergence is above this",
+    )
+    mix.add_argument(
+        "--overlap-threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="unstable when the shared top-K mass is below this",
+    )
+    mix.add_argument(
+        "--auto-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="on an unstable token, use the teacher alone",
     )
     mix.add_argument("--top-k", type=int, help="logprobs K asked of each upstream")
+
+    gw = parser.add_argument_group("gateway (instead of the upstreams)")
+    gw.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="generate through a deployed gateway over HTTP (e.g. http://gateway:8000) "
+        "instead of talking to the two vLLM servers; the records have the same fields",
+    )
+    gw.add_argument(
+        "--api-key",
+        help="the gateway's API key (default: $DUAL_VLLM_API_KEY, else $OPENAI_API_KEY)",
+    )
 
     up = parser.add_argument_group("upstreams (default: DUAL_VLLM_* environment)")
     up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
     up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
-    up.add_argument("--base-model")
-    up.add_argument("--teacher-model")
+    up.add_argument("--base-model", help="the base server's model name (default: asked of it)")
+    up.add_argument(
+        "--teacher-model", help="the teacher server's model name (default: asked of it)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -168,7 +237,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    gateway = getattr(args, "gateway", None)
+    if gateway:
+        # Through a gateway the upstream URLs are never used; the rest of the settings
+        # (mixing defaults, base formats, top_k) still shapes every request.
+        overrides.update(base_url=[gateway], teacher_url=[gateway])
     return Settings(**overrides)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("DUAL_VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
@@ -211,6 +289,8 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
         allow_config_change=args.allow_config_change,
         quiet=args.quiet,
         fsync_interval=args.fsync_interval,
+        output_format=detect_output_format(args.output, args.output_format),
+        completion_order=args.completion_order,
     )
 
 
@@ -244,11 +324,16 @@ def run(args: argparse.Namespace) -> int:
         if task is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        if args.gateway:
+            url, key = args.gateway, api_key(args)
+            return await run_job(
+                job, settings, coordinator_factory=lambda _s: GatewayBackend(url, key)
+            )
         return await run_job(job, settings)
 
     try:
         totals = asyncio.run(main())
-    except (DatasetError, StoreError) as exc:
+    except (DatasetError, StoreError, ExportError) as exc:
         sys.stderr.write(f"dual-vllm generate: {exc}\n")
         return 2
     except JobAborted as exc:

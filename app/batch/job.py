@@ -24,6 +24,7 @@ from app.batch.datasets import (
     select_shard,
     to_prompts,
 )
+from app.batch.export import store_path
 from app.batch.writer import ResultStore, StoreError
 from app.coordinator import render_base_chat
 from app.generation import ChatMessage, GenerationParams
@@ -81,6 +82,14 @@ class Job:
     allow_config_change: bool = False
     quiet: bool = False
     fsync_interval: float = 1.0
+    output_format: str = "jsonl"  # jsonl, parquet or hf (app.batch.export)
+    completion_order: bool = False  # keep the finished file in completion order
+
+    @property
+    def store_path(self) -> Path:
+        """The resumable JSONL: the output itself, or `<output>.partial.jsonl` next to a
+        Parquet file / datasets folder."""
+        return store_path(self.output, self.output_format)
 
     def mixing_record(self) -> dict[str, Any]:
         """The mixing options used, with README.md's names."""
@@ -123,7 +132,7 @@ def check_config(job: Job, store: ResultStore, keys: set[SampleKey]) -> None:
     )
     if changed and not job.allow_config_change:
         raise StoreError(
-            f"{job.output} holds {changed} sample(s) of this job made with different options "
+            f"{job.store_path} holds {changed} sample(s) of this job made with different options "
             "(mixing, sampling, templates or prompt field). Use another --output, or pass "
             "--allow-config-change to keep them and generate only the missing ones."
         )

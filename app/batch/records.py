@@ -33,6 +33,7 @@ class SampleOutput:
     completion_tokens: int
     steps: list[StepResult]
     token_text: list[str] | None = None
+    support_known: bool = True  # False through the gateway (its diagnostics lack it)
 
 
 @dataclass(slots=True)
@@ -59,7 +60,7 @@ def sample_record(
     outcome: Outcome,
     *,
     seed: int,
-    models: Mapping[str, str],
+    models: Mapping[str, str | None],
     elapsed_seconds: float,
     config_hash: str,
 ) -> dict[str, Any]:
@@ -79,6 +80,8 @@ def sample_record(
     }
     if dual is not None:
         record["prompt_token_ids"] = {"teacher": dual.teacher, "base": dual.base}
+    elif output is not None:  # through a gateway: generated, but the ids are not known
+        record["prompt_token_ids"] = None
     if output is not None:
         record.update(
             completion=output.text,
@@ -97,6 +100,8 @@ def sample_record(
         record["summary"] = sample_summary(output.steps)
         if job.diagnostics:
             columns: dict[str, Any] = token_columns(output.steps)
+            if not output.support_known:
+                columns["support_size"] = [None] * len(output.steps)
             if output.token_text is not None:
                 columns["token_text"] = output.token_text
             record["diagnostics"] = columns

@@ -25,9 +25,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from app.batch.datasets import PromptRow, SampleKey, sample_seed
+from app.batch.export import check_available, export
+from app.batch.gateway import GatewayBackend
 from app.batch.job import Job, PromptSpec, check_config, plan
 from app.batch.records import Outcome, SampleOutput, Totals, format_summary, sample_record
-from app.batch.writer import ResultStore
+from app.batch.writer import ResultStore, final_records
 from app.coordinator import Coordinator
 from app.errors import DualVLLMError, UpstreamError
 from app.generation import ChatMessage, DualPrompt, GenerationParams
@@ -41,7 +43,7 @@ def _retryable(exc: BaseException) -> bool:
     """Upstream trouble that may pass (5xx, timeouts, connection errors). 4xx-like failures
     (context length, rejected input) and math errors would fail the same way again now."""
     if isinstance(exc, UpstreamError):
-        return exc.status >= 500
+        return exc.status >= 500 or exc.status == 429  # 429: a gateway's admission limit
     return isinstance(exc, httpx.TransportError | TimeoutError)
 
 
@@ -49,7 +51,9 @@ def _retryable(exc: BaseException) -> bool:
 _SAMPLE_FAILURES = (DualVLLMError, SamplingError, httpx.HTTPError, TimeoutError)
 
 
-CoordinatorFactory = Callable[[Settings], Coordinator]
+# The in-process Coordinator, or a deployed gateway over HTTP (`generate --gateway`).
+Backend = Coordinator | GatewayBackend
+CoordinatorFactory = Callable[[Settings], Backend]
 
 
 class JobAborted(RuntimeError):
@@ -64,7 +68,7 @@ class _Runner:
     def __init__(
         self,
         job: Job,
-        coord: Coordinator,
+        coord: Backend,
         store: ResultStore,
         totals: Totals,
         bar: tqdm[Any],
@@ -80,26 +84,28 @@ class _Runner:
         self._remaining: Counter[str] = Counter()
         self.consecutive_upstream_failures = 0
 
-    async def dual_prompt(self, row: PromptRow, spec: PromptSpec) -> DualPrompt:
+    async def dual_prompt(self, coord: Coordinator, row: PromptRow, spec: PromptSpec) -> DualPrompt:
         """Tokenize once per prompt (a failure is not cached: the retry tokenizes again)."""
         lock = self._locks.setdefault(row.id, asyncio.Lock())
         async with lock:
             if row.id not in self._dual:
                 if spec.teacher_messages is not None:
                     messages = [ChatMessage(m.role, m.content) for m in spec.teacher_messages]
-                    dual = await self.coord.chat_prompt(messages, base_prompt=spec.base_text)
+                    dual = await coord.chat_prompt(messages, base_prompt=spec.base_text)
                 else:
-                    (dual,) = await self.coord.completion_prompts(
+                    (dual,) = await coord.completion_prompts(
                         spec.teacher_text or "", base_prompt=spec.base_text
                     )
                 self._dual[row.id] = dual
             return self._dual[row.id]
 
-    async def attempt(self, dual: DualPrompt, params: GenerationParams) -> SampleOutput:
+    async def attempt(
+        self, coord: Coordinator, dual: DualPrompt, params: GenerationParams
+    ) -> SampleOutput:
         # With diagnostics, per-token text for the report's colouring: the text each token
         # released (a token that ends mid-character or inside a possible stop string
         # releases "").
-        (done,) = await self.coord.generate([dual], params, token_text=self.job.diagnostics)
+        (done,) = await coord.generate([dual], params, token_text=self.job.diagnostics)
         return SampleOutput(
             text=done.text,
             token_ids=list(done.token_ids),
@@ -122,8 +128,10 @@ class _Runner:
         while True:
             attempt += 1
             try:
-                dual = await self.dual_prompt(row, spec)
-                return Outcome(attempt, dual, output=await self.attempt(dual, params))
+                if isinstance(self.coord, GatewayBackend):  # one HTTP request per sample
+                    return Outcome(attempt, output=await self.coord.sample(spec, params))
+                dual = await self.dual_prompt(self.coord, row, spec)
+                return Outcome(attempt, dual, output=await self.attempt(self.coord, dual, params))
             except _SAMPLE_FAILURES as exc:
                 if not _retryable(exc) or attempt > self.job.retries:
                     return Outcome(attempt, dual, error=exc)
@@ -153,7 +161,7 @@ class _Runner:
             spec,
             outcome,
             seed=seed,
-            models={role: info.name for role, info in self.coord.models.items()},
+            models=self.model_names(),
             elapsed_seconds=time.monotonic() - started,
             config_hash=self.config_hash,
         )
@@ -185,6 +193,11 @@ class _Runner:
                     f"stopped after {limit} consecutive samples failed with upstream errors "
                     f"(last: {error}); the rest is untouched: fix the upstreams and rerun"
                 )
+
+    def model_names(self) -> dict[str, str | None]:
+        if isinstance(self.coord, GatewayBackend):
+            return dict(self.coord.model_names)
+        return {role: info.name for role, info in self.coord.models.items()}
 
     async def run(self, pending: list[tuple[PromptRow, PromptSpec, int]]) -> None:
         queue: asyncio.Queue[tuple[PromptRow, PromptSpec, int]] = asyncio.Queue()
@@ -223,12 +236,14 @@ async def run_job(
         for index in range(job.samples):
             order[(row.id, index)] = len(order)
     totals = Totals(total=len(order))
-    with ResultStore(job.output, fsync_interval=job.fsync_interval) as store:
+    if job.output_format != "jsonl":
+        check_available(job.output_format)  # before any generation, not after it
+    with ResultStore(job.store_path, fsync_interval=job.fsync_interval) as store:
         if store.state.truncated_bytes:
             log.warning(
                 "dropped a torn last line (%d bytes) of %s: an interrupted write",
                 store.state.truncated_bytes,
-                job.output,
+                job.store_path,
             )
         check_config(job, store, set(order))
         done = store.state.done
@@ -256,8 +271,12 @@ async def run_job(
                 async with coordinator_factory(settings) as coord:
                     runner = _Runner(job, coord, store, totals, bar)
                     await runner.run(pending)
-        if store.state.superseded:
-            compacted = store.compact(order)
+        # Every sample was attempted: the file holds each exactly once (its last record), in
+        # dataset order (position, then sample index) unless asked to keep completion order.
+        if store.state.superseded or (pending and not job.completion_order):
+            compacted = store.compact(None if job.completion_order else order)
+        if job.output_format != "jsonl":
+            export(final_records(job.store_path), job.output, job.output_format, quiet=job.quiet)
     stdout.write(format_summary(totals, job.output, compacted))
     stdout.flush()
     return totals

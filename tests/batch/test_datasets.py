@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -102,9 +103,13 @@ def test_mapping_errors_are_clear() -> None:
         to_prompts([{"prompt": 3}])
 
 
-def test_missing_file_and_hf_without_datasets(tmp_path: Path) -> None:
+def test_missing_file_and_hf_without_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         read_rows(str(tmp_path / "nope.jsonl"))
+    # As if `datasets` were not installed (it is, in the dev extra): no network attempt.
+    monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DatasetError, match="needs the `datasets` package"):
         read_rows("agentica-org/DeepScaleR-Preview-Dataset")
 

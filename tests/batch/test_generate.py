@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,101 @@ async def test_upstreams_down_stop_the_job(dataset: Path, tmp_path: Path) -> Non
     assert (totals.ok, totals.failed, totals.skipped) == (10, 0, 0)
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 10
+
+
+def _slow_first_prompt() -> dict[str, Any]:
+    """Prompt 0 fails twice before it succeeds: it completes after the others."""
+    return {"number 0": (2, lambda: UpstreamUnavailableError("down", upstream="base"))}
+
+
+@pytest.mark.parametrize("completion_order", [False, True])
+async def test_the_finished_file_is_in_dataset_order(
+    dataset: Path, tmp_path: Path, completion_order: bool
+) -> None:
+    out = tmp_path / "out.jsonl"
+    argv = [str(dataset), "-o", str(out), "--prompt-field", "problem", "-n", "2", "--quiet"]
+    argv += ["--concurrency", "4", "--retries", "2", "--retry-backoff", "0.05"]
+    job, settings, _ = parse_job(*argv, *(["--completion-order"] if completion_order else []))
+    await _run(job, settings, ScriptedCoordinator(settings, failures=_slow_first_prompt()))
+    keys = _keys(out)
+    in_dataset_order = [(str(i), k) for i in range(5) for k in range(2)]
+    if completion_order:
+        assert sorted(keys) == in_dataset_order
+        assert keys[-1][0] == "0"  # the retried prompt finished last, and stays last
+    else:
+        assert keys == in_dataset_order
+
+
+async def test_parquet_output_is_written_from_the_compacted_store(
+    dataset: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "samples.parquet"
+    argv = [str(dataset), "-o", str(out), "--prompt-field", "problem", "--id-field", "uid"]
+    argv += ["-n", "2", "--diagnostics", "--quiet", "--retries", "0"]
+    failures: dict[str, Any] = {"number 3": (-1, lambda: ContextLengthError("too long"))}
+    job, settings, _ = parse_job(*argv)
+    assert job.output_format == "parquet"
+    await _run(job, settings, ScriptedCoordinator(settings, failures=failures))
+    store = tmp_path / "samples.parquet.partial.jsonl"
+    records = list(iter_records(store))
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 10
+    assert [(r["id"], r["sample_index"]) for r in rows] == _keys(store)
+    for row, record in zip(rows, records, strict=True):
+        assert row["status"] == record["status"]
+        assert row["seed"] == record["seed"]
+        assert row["prompt"] == record["prompt"]
+        if record["status"] == "ok":
+            assert row["completion"] == record["completion"]
+            assert row["completion_token_ids"] == record["completion_token_ids"]
+            assert row["diagnostics"]["alpha"] == record["diagnostics"]["alpha"]
+            assert row["error"] is None
+        else:
+            assert row["error"] == record["error"]
+            assert row["completion"] is None
+    assert {r["id"] for r in rows if r["status"] == "failed"} == {"q3"}
+    # A rerun resumes from the store: only the failed samples are generated again.
+    totals, coord, _ = await _run(job, settings)
+    assert (totals.skipped, coord.calls["stream"]) == (8, 2)  # (diagnostics: streamed)
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["id"], r["sample_index"]) for r in rows] == _keys(store)
+    assert [r["status"] for r in rows] == ["ok"] * 10
+
+
+async def test_hf_datasets_folder(dataset: Path, tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "samples"
+    job, settings, _ = parse_job(
+        str(dataset), "-o", str(out), "--output-format", "hf", "--prompt-field", "problem",
+        "--quiet",
+    )  # fmt: skip
+    await _run(job, settings)
+    loaded = datasets.load_from_disk(str(out))
+    assert len(loaded) == 5
+    assert loaded[0]["id"] == "0"
+    assert (
+        loaded[4]["completion"]
+        == next(iter_records(tmp_path / "samples.partial.jsonl"))["completion"]
+        or loaded[4]["id"] == "4"
+    )
+
+
+def test_hf_output_without_datasets_is_a_clear_error(
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    code = cli_main(
+        [
+            "generate", str(dataset), "-o", str(tmp_path / "hf"), "--output-format", "hf",
+            "--prompt-field", "problem",
+            "--base-url", "http://127.0.0.1:9", "--teacher-url", "http://127.0.0.1:9",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert "needs the Hugging Face `datasets` package" in capsys.readouterr().err
+    assert not (tmp_path / "hf.partial.jsonl").exists()

@@ -125,3 +125,26 @@ def test_failed_write_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(os, "write", real_write)
         store.append(_rec("c", 0))
     assert [r["id"] for r in iter_records(path)] == ["a", "c"]
+
+
+def test_parquet_export_keeps_every_field_and_stores_mixed_columns_as_json(
+    tmp_path: Path,
+) -> None:
+    import pyarrow.parquet as pq
+
+    from app.batch.export import write_parquet
+
+    records = [
+        _rec("a", 0, stop_reason=None, usage={"prompt_tokens": 3}),
+        _rec("a", 1, stop_reason="\n", error={"type": "X", "status": 400, "message": "m"}),
+        _rec("b", 0, stop_reason=2, usage={"prompt_tokens": 4, "base_prompt_tokens": None}),
+    ]
+    out = tmp_path / "out.parquet"
+    write_parquet(records, out)
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["id"], r["sample_index"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0)]
+    assert [r["stop_reason"] for r in rows] == [None, '"\\n"', "2"]  # a string or an id: JSON
+    assert rows[0]["error"] is None
+    assert rows[1]["error"] == {"type": "X", "status": 400, "message": "m"}
+    assert rows[2]["usage"] == {"prompt_tokens": 4, "base_prompt_tokens": None}
+    assert not list(tmp_path.glob(".out.parquet.tmp-*"))
