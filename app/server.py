@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from pydantic import ValidationError
@@ -78,12 +79,22 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
             port=settings.port,
             log_level=log_level,
             lifespan="on",
+            http="httptools",  # the C HTTP parser: less CPU per request than h11
             timeout_graceful_shutdown=10,
         )
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, _quiet)
         await uvicorn.Server(config).serve()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop (less CPU per socket operation) where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: asyncio's own loop
+        return None
+    return uvloop.new_event_loop
 
 
 def _quiet(signum: int, frame: FrameType | None) -> None:
@@ -120,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_STARTUP
     try:
-        asyncio.run(serve(settings, log_level=args.log_level))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings, log_level=args.log_level))
     except StartupError as exc:
         sys.stderr.write(f"dual-vllm serve: refusing to start: {exc}\n")
         return EXIT_STARTUP

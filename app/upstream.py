@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from app.errors import (
     UpstreamError,
@@ -228,7 +229,8 @@ class UpstreamClient:
     ) -> httpx.Response:
         name = self.name
         try:
-            response = await client.request(method, target, json=json)
+            content = None if json is None else orjson.dumps(json)  # ~10x stdlib json
+            response = await client.request(method, target, content=content)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise UpstreamUnavailableError(
                 f"{name} upstream at {target} is unreachable: {exc or type(exc).__name__}",
@@ -267,8 +269,8 @@ class UpstreamClient:
 
     def _json(self, response: httpx.Response) -> Any:
         try:
-            return response.json()
-        except ValueError as exc:
+            return orjson.loads(response.content)
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             raise UpstreamError(
                 f"{self.name} upstream returned a body that is not JSON "
                 f"({response.headers.get('content-type', 'no content type')})",
