@@ -66,6 +66,17 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream_module, "_RETRY_BASE_SECONDS", 0.0)
 
 
+@pytest.fixture(autouse=True)
+def httpx_own_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """respx mocks httpx's own transport: these tests run the client on it instead of the
+    aiohttp-backed one (which the tests over real sockets, e.g. test_api_openai_client, use)."""
+    monkeypatch.setattr(
+        upstream_module,
+        "AiohttpTransport",
+        lambda limits: httpx.AsyncHTTPTransport(limits=limits),
+    )
+
+
 @pytest.fixture
 def mock() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
