@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,151 +44,21 @@ from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from app.batch.batchfile import (
+    BatchLine,
+    InputError,
+    output_record,
+    parse_lines,
+    read_input,
+    retryable,
+    store_path,
+)
 from app.batch.writer import ResultStore, StoreError, encode_record, final_records
 from app.errors import DualVLLMError
 from app.settings import Settings
 from app.upstream import StartupError
 
 log = logging.getLogger(__name__)
-
-URLS = ("/v1/completions", "/v1/chat/completions")
-STREAM_ERROR = "Request must not be sent in stream mode"  # vLLM's run_batch wording
-
-
-class InputError(ValueError):
-    """The batch input cannot be read at all (missing file, failed download, not UTF-8)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Input lines
-
-
-@dataclass(frozen=True, slots=True)
-class BatchLine:
-    """One non-empty input line. `error` is set for a line the API never sees; `key` is the
-    store key (`custom_id:<id>`, or `line:<n>` without a usable custom_id)."""
-
-    number: int
-    key: str
-    custom_id: str | None
-    digest: str
-    url: str = ""
-    body: Mapping[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-def _check(value: Any) -> str | None:
-    """Why a parsed line cannot be sent (None if it can)."""
-    if not isinstance(value, dict):
-        return "a batch line must be a JSON object with custom_id, method, url and body"
-    custom_id = value.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return "`custom_id` must be a non-empty string"
-    method = value.get("method")
-    if method != "POST":
-        return f"method {method!r} is not supported; only POST"
-    url = value.get("url")
-    if url not in URLS:
-        return f"URL {url} was used. Supported endpoints: {', '.join(URLS)}"
-    body = value.get("body")
-    if not isinstance(body, dict):
-        return "`body` must be a JSON object (the request body)"
-    if body.get("stream") is True:
-        return STREAM_ERROR
-    return None
-
-
-def parse_lines(text: str) -> list[BatchLine]:
-    """Every non-empty line, checked; problems become the line's `error`, never an exception.
-    A custom_id seen on an earlier line makes this line an error (custom_ids must be unique:
-    they are how outputs are matched to inputs, and how a rerun finds a line again)."""
-    lines: list[BatchLine] = []
-    first_line: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        if not stripped:
-            continue
-        digest = hashlib.sha256(stripped.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            why = f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
-            lines.append(BatchLine(number, f"line:{number}", None, digest, error=why))
-            continue
-        raw_id = value.get("custom_id") if isinstance(value, dict) else None
-        custom_id = raw_id if isinstance(raw_id, str) and raw_id else None
-        error = _check(value)
-        key = f"line:{number}"
-        if custom_id is not None:
-            if custom_id in first_line:
-                error = (
-                    f"duplicate custom_id {custom_id!r} (first on line {first_line[custom_id]}); "
-                    "custom_ids must be unique"
-                )
-            else:
-                first_line[custom_id] = number
-                key = f"custom_id:{custom_id}"
-        if error is not None:
-            lines.append(BatchLine(number, key, custom_id, digest, error=error))
-        else:
-            lines.append(BatchLine(number, key, custom_id, digest, value["url"], value["body"]))
-    return lines
-
-
-def read_input(source: str, stdin: TextIO | None = None) -> str:
-    """A local path, `-` for stdin, or an http(s) URL (fetched with one GET)."""
-    try:
-        if source == "-":
-            return (stdin or sys.stdin).read()
-        if source.startswith(("http://", "https://")):
-            response = httpx.get(source, follow_redirects=True, timeout=60)
-            response.raise_for_status()
-            return response.text
-        return Path(source).read_text(encoding="utf-8")
-    except httpx.HTTPError as exc:
-        raise InputError(f"could not download {source}: {exc}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {source}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------------------------
-# Output records
-
-
-def output_record(
-    line: BatchLine,
-    status_code: int,
-    *,
-    body: Any = None,
-    error: Any = None,
-    request_id: str | None = None,
-) -> dict[str, Any]:
-    """vLLM's BatchRequestOutput (run_batch.py): id, custom_id, response, error."""
-    return {
-        "id": f"batch_req_{uuid.uuid4().hex}",
-        "custom_id": line.custom_id,
-        "response": {
-            "status_code": status_code,
-            "request_id": request_id or f"req_{uuid.uuid4().hex}",
-            "body": body,
-        },
-        "error": error,
-    }
-
-
-def _retryable(status: int) -> bool:
-    return status >= 500 or status == 429
-
-
-def partial_path(output: Path) -> Path:
-    """The resumable store next to the output."""
-    return output.with_name(output.name + ".partial.jsonl")
-
-
-def _store_path(output: Path) -> Path:
-    if output.is_dir():
-        raise StoreError(f"{output} is a directory; give a file name")
-    return partial_path(output)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,9 +149,9 @@ class _Batch:
                 request_id = answer.get("id") if isinstance(answer, dict) else None
                 self.record(line, output_record(line, 200, body=answer, request_id=request_id))
                 return
-            if not _retryable(status) or attempt > self.options.retries:
+            if not retryable(status) or attempt > self.options.retries:
                 output = output_record(line, status, error=answer)
-                self.record(line, output, failed=_retryable(status))
+                self.record(line, output, failed=retryable(status))
                 return
             delay = self.options.retry_backoff * 2 ** (attempt - 1)
             log.warning(
@@ -381,10 +248,10 @@ async def run_batch(
     totals = BatchTotals(lines=len(lines))
     with contextlib.ExitStack() as stack:
         if options.output == "-":  # nothing to resume into: the store is temporary
-            store_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "partial"
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "partial"
         else:
-            store_path = _store_path(Path(options.output))
-        store = stack.enter_context(ResultStore(store_path, fsync_interval=options.fsync_interval))
+            path = store_path(Path(options.output))
+        store = stack.enter_context(ResultStore(path, fsync_interval=options.fsync_interval))
         done = store.state.done
         pending = [
             line
@@ -415,7 +282,7 @@ async def run_batch(
         order = {(line.key, 0): rank for rank, line in enumerate(lines)}
         if store.state.superseded:
             store.compact(order)
-        latest = {record["id"]: record["output"] for record in final_records(store_path)}
+        latest = {record["id"]: record["output"] for record in final_records(path)}
         write_output(options.output, [latest[line.key] for line in lines], stdout)
     stderr.write(totals.summary(options.output))
     stderr.flush()

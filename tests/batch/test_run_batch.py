@@ -20,7 +20,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app.batch.runbatch import BatchOptions, parse_lines, partial_path, run_batch
+from app.batch.batchfile import parse_lines, partial_path
+from app.batch.runbatch import BatchOptions, run_batch
 from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import Settings
