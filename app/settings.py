@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     def _split_lists(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # compose passes unset variables as ""
+
     @field_validator("eos_token_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
