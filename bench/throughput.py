@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -452,6 +453,8 @@ def cli() -> None:
     parser.add_argument("--teacher-url", default="http://127.0.0.1:8102")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "throughput.json")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the fakes and the gateway are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     both = args.fake == args.real
     if (both or args.real) and not all(map(is_healthy, (args.base_url, args.teacher_url))):
         parser.error(f"no vLLM pair at {args.base_url}, {args.teacher_url}: dual-vllm local start")
