@@ -13,7 +13,7 @@ real  The gateway against the real CPU pair (`dual-vllm local start`, 8101/8102)
       generating the same tokens alone (S concurrent /v1/completions), `--repeats` times.
 
     PYTHONPATH=. .venv/bin/python bench/throughput.py [--fake] [--real] [--tokens 64]
-        [--tokens-256 16] [--concurrency 1 16 64 256] [--sequences 1 4 8 16] [--repeats 2]
+        [--tokens-256 16] [--concurrency 1 16 64 256] [--sequences 1 4 8 16] [--repeats 3]
 
 Every request sends the same prompt ids (the teacher's /tokenize of one chat message), so no
 /tokenize calls are counted. Prints a table per part and the issue's targets, and writes
@@ -448,7 +448,7 @@ def cli() -> None:
     parser.add_argument("--tokens-256", type=int, default=16, help="per stream at >= 256 (fake)")
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--real-tokens", type=int, default=32, help="per stream (real part)")
-    parser.add_argument("--repeats", type=int, default=2, help="gateway/teacher pairs (real)")
+    parser.add_argument("--repeats", type=int, default=3, help="gateway/teacher pairs (real)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8101")
     parser.add_argument("--teacher-url", default="http://127.0.0.1:8102")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "throughput.json")
@@ -465,7 +465,7 @@ def cli() -> None:
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "load_average_before": os.getloadavg(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
     fake: list[dict[str, Any]] = []
     real: list[dict[str, Any]] = []
@@ -483,7 +483,7 @@ def cli() -> None:
         with gateway(args.base_url, args.teacher_url, logs) as (url, _):
             real = asyncio.run(real_part(url, args.teacher_url, args))
     result.update(fake=fake, real=real, targets=targets(fake, real))
-    result["load_average_after"] = os.getloadavg()
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     sys.stdout.write("\n" + target_table(result["targets"]))
     before, after = result["load_average_before"], result["load_average_after"]
     load = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(before, after, strict=True))
