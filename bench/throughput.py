@@ -16,8 +16,11 @@ real  The gateway against the real CPU pair (`dual-vllm local start`, 8101/8102)
         [--tokens-256 16] [--concurrency 1 16 64 256] [--sequences 1 4 8 16] [--repeats 3]
 
 Every request sends the same prompt ids (the teacher's /tokenize of one chat message), so no
-/tokenize calls are counted. Prints a table per part and the issue's targets, and writes
-results/throughput.json (with load averages, the commit and the parameters).
+/tokenize calls are counted. A stream that fails (an upstream error the gateway passes on) is
+counted under `failed`, with its first errors in the JSON, and the run goes on.
+
+Prints a table per part and the issue's targets, and writes results/throughput.json (with the
+load averages, the commit and the parameters); the processes' logs go next to it.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class Run:
     tokens: int
     seconds: float
     gaps: list[float] = field(default_factory=list)  # seconds between a stream's chunks
+    errors: list[str] = field(default_factory=list)  # one per failed stream
 
     @property
     def tokens_per_s(self) -> float:
@@ -173,28 +177,24 @@ async def upstream_calls(client: httpx.AsyncClient, url: str) -> float:
 
 async def stream_one(
     client: httpx.AsyncClient, url: str, body: dict[str, Any]
-) -> tuple[int, list[float]]:
-    """One streaming /v1/completions; (completion tokens, chunk arrival times)."""
+) -> tuple[int, list[float], str | None]:
+    """One streaming /v1/completions: (completion tokens, chunk arrival times, error or None).
+    A failed stream counts the chunks it got as its tokens."""
     times: list[float] = []
-    tokens = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(
-                f"gateway answered {response.status_code}: {await response.aread()!r}"
-            )
+            return 0, times, f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
         async for line in response.aiter_lines():
-            if not line.startswith("data: "):
+            if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if line == "data: [DONE]":
-                break
             event = json.loads(line[6:])
             if "error" in event:
-                raise RuntimeError(f"error frame: {event['error']}")
+                return len(times), times, f"error frame: {event['error']}"
             if event.get("choices"):
                 times.append(time.perf_counter())
             if event.get("usage"):
-                tokens = int(event["usage"]["completion_tokens"])
-    return tokens, times
+                return int(event["usage"]["completion_tokens"]), times, None
+    return len(times), times, "stream ended without usage"
 
 
 async def gateway_run(
@@ -214,9 +214,13 @@ async def gateway_run(
 
     started = time.perf_counter()
     results = await asyncio.gather(*(stream_one(client, url, body(i)) for i in range(concurrency)))
-    run = Run(sum(n for n, _ in results), time.perf_counter() - started)
-    for _, times in results:
+    run = Run(sum(n for n, _, _ in results), time.perf_counter() - started)
+    for _, times, error in results:
         run.gaps.extend(b - a for a, b in itertools.pairwise(times))
+        if error is not None:
+            run.errors.append(error)
+    if run.errors:
+        sys.stderr.write(f"{len(run.errors)} failed stream(s), first: {run.errors[0]}\n")
     return run
 
 
@@ -285,20 +289,23 @@ async def fake_part(
             stop.set()
             rss = await sampler
             calls = await upstream_calls(http, url) - calls
+            n = max(run.tokens, 1)
             rows.append(
                 {
                     "concurrency": concurrency,
                     "tokens": run.tokens,
                     "seconds": round(run.seconds, 3),
                     "tokens_per_s": round(run.tokens_per_s, 1),
-                    "cpu_ms_per_token": round(1000 * cpu / run.tokens, 3),
-                    "upstream_requests_per_token": round(calls / run.tokens, 3),
+                    "cpu_ms_per_token": round(1000 * cpu / n, 3),
+                    "upstream_requests_per_token": round(calls / n, 3),
                     "peak_rss_mb": round(rss, 1),
                     "hwm_rss_mb": round(status_mb(pid, "VmHWM"), 1),
                     "itl_p50_ms": round(1000 * percentile(run.gaps, 0.5), 2),
                     "itl_p99_ms": round(1000 * percentile(run.gaps, 0.99), 2),
-                    "fakes_cpu_ms_per_token": round(1000 * fakes_cpu / run.tokens, 3),
-                    "client_cpu_ms_per_token": round(1000 * client_cpu / run.tokens, 3),
+                    "fakes_cpu_ms_per_token": round(1000 * fakes_cpu / n, 3),
+                    "client_cpu_ms_per_token": round(1000 * client_cpu / n, 3),
+                    "failed_streams": len(run.errors),
+                    "errors": run.errors[:3],
                 }
             )
             print_row(FAKE_COLUMNS, rows[-1])
@@ -333,9 +340,13 @@ async def real_part(url: str, teacher_url: str, args: argparse.Namespace) -> lis
                         round(m.tokens_per_s / a.tokens_per_s, 3)
                         for m, a in zip(mixed, alone, strict=True)
                     ],
-                    "upstream_requests_per_token": round(calls / sum(r.tokens for r in mixed), 3),
+                    "upstream_requests_per_token": round(
+                        calls / max(1, sum(r.tokens for r in mixed)), 3
+                    ),
                     "itl_p50_ms": round(1000 * percentile(gaps, 0.5), 1),
                     "itl_p99_ms": round(1000 * percentile(gaps, 0.99), 1),
+                    "failed_streams": sum(len(r.errors) for r in mixed),
+                    "errors": [e for r in mixed for e in r.errors][:3],
                 }
             )
             print_row(REAL_COLUMNS, rows[-1])
@@ -355,6 +366,7 @@ FAKE_COLUMNS = {
     "itl_p99_ms": "ITL p99 ms",
     "fakes_cpu_ms_per_token": "fakes CPU ms/tok",
     "client_cpu_ms_per_token": "client CPU ms/tok",
+    "failed_streams": "failed",
 }
 REAL_COLUMNS = {
     "sequences": "seqs",
@@ -364,6 +376,7 @@ REAL_COLUMNS = {
     "upstream_requests_per_token": "upstream req/tok",
     "itl_p50_ms": "ITL p50 ms",
     "itl_p99_ms": "ITL p99 ms",
+    "failed_streams": "failed",
 }
 
 
