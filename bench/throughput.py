@@ -105,7 +105,7 @@ def process(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -> I
 
 @contextlib.contextmanager
 def gateway(
-    base_url: str, teacher_url: str, logs: Path, extra: dict[str, str] | None = None
+    base_url: str, teacher_url: str, log: Path, extra: dict[str, str] | None = None
 ) -> Iterator[tuple[str, int]]:
     """`dual-vllm serve` (as `dual-vllm local run` starts it) with limits above the bench's."""
     port = free_port()
@@ -122,7 +122,7 @@ def gateway(
     }
     cmd = [sys.executable, "-m", "app", "serve", "--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/ready", logs / "gateway.log", env) as pid:
+    with process(cmd, f"{url}/ready", log, env) as pid:
         yield url, pid
 
 
@@ -181,20 +181,25 @@ async def stream_one(
     """One streaming /v1/completions: (completion tokens, chunk arrival times, error or None).
     A failed stream counts the chunks it got as its tokens."""
     times: list[float] = []
+    tokens: int | None = None
+    error: str | None = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             return 0, times, f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+        # Read to the end, as OpenAI clients do (leaving early makes the request "cancelled").
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
             if "error" in event:
-                return len(times), times, f"error frame: {event['error']}"
+                error = f"error frame: {event['error']}"
+            elif event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
             if event.get("choices"):
                 times.append(time.perf_counter())
-            if event.get("usage"):
-                return int(event["usage"]["completion_tokens"]), times, None
-    return len(times), times, "stream ended without usage"
+    if tokens is None:
+        return len(times), times, error or "stream ended without usage"
+    return tokens, times, error
 
 
 async def gateway_run(
@@ -485,15 +490,16 @@ def cli() -> None:
     if both or args.fake:
         sys.stdout.write("\nfake upstreams (gateway process only)\n")
         print_row(FAKE_COLUMNS)
+        eos = {"DUAL_VLLM_EOS_TOKEN_IDS": "2"}  # the fakes' <|im_end|>
         with (
             fake_pair(logs) as (base_url, teacher_url, fakes),
-            gateway(base_url, teacher_url, logs, {"DUAL_VLLM_EOS_TOKEN_IDS": "2"}) as (url, pid),
+            gateway(base_url, teacher_url, logs / "gateway-fake.log", eos) as (url, pid),
         ):
             fake = asyncio.run(fake_part(url, pid, teacher_url, fakes, args))
     if both or args.real:
         sys.stdout.write(f"\nreal CPU pair ({args.base_url}, {args.teacher_url})\n")
         print_row(REAL_COLUMNS)
-        with gateway(args.base_url, args.teacher_url, logs) as (url, _):
+        with gateway(args.base_url, args.teacher_url, logs / "gateway-real.log") as (url, _):
             real = asyncio.run(real_part(url, args.teacher_url, args))
     result.update(fake=fake, real=real, targets=targets(fake, real))
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
