@@ -162,9 +162,12 @@ async def with_keepalive(frames: AsyncIterator[bytes], interval: float) -> Async
             pending = None
             yield data
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        if pending is not None:
+            if not pending.done():
+                pending.cancel()
+            # Retrieve its outcome (e.g. the StopAsyncIteration of a stream that ended while
+            # the client was leaving), so asyncio logs no "exception was never retrieved".
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
                 await pending
         await _aclose(frames)
 

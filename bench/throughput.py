@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 
 from app.localvllm.servers import is_healthy
+from app.localvllm.setup import Layout
+from tests.fakes.tokenizer import write_fake_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = "Tell me a long story about a lighthouse keeper."
@@ -467,6 +469,11 @@ def cli() -> None:
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--real-tokens", type=int, default=32, help="per stream (real part)")
     parser.add_argument("--repeats", type=int, default=3, help="gateway/teacher pairs (real)")
+    parser.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="decode text with the teacher's /detokenize instead of DUAL_VLLM_TOKENIZER",
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8101")
     parser.add_argument("--teacher-url", default="http://127.0.0.1:8102")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "throughput.json")
@@ -491,6 +498,8 @@ def cli() -> None:
         sys.stdout.write("\nfake upstreams (gateway process only)\n")
         print_row(FAKE_COLUMNS)
         eos = {"DUAL_VLLM_EOS_TOKEN_IDS": "2"}  # the fakes' <|im_end|>
+        if not args.no_tokenizer:  # the fakes' tokenizer in the gateway, as deployed
+            eos["DUAL_VLLM_TOKENIZER"] = str(write_fake_tokenizer(logs / "fake-tokenizer"))
         with (
             fake_pair(logs) as (base_url, teacher_url, fakes),
             gateway(base_url, teacher_url, logs / "gateway-fake.log", eos) as (url, pid),
@@ -499,7 +508,10 @@ def cli() -> None:
     if both or args.real:
         sys.stdout.write(f"\nreal CPU pair ({args.base_url}, {args.teacher_url})\n")
         print_row(REAL_COLUMNS)
-        with gateway(args.base_url, args.teacher_url, logs / "gateway-real.log") as (url, _):
+        local: dict[str, str] = {}
+        if not args.no_tokenizer:  # the teacher's tokenizer in the gateway (`local run` does)
+            local["DUAL_VLLM_TOKENIZER"] = str(Layout.from_env().teacher)
+        with gateway(args.base_url, args.teacher_url, logs / "gateway-real.log", local) as (url, _):
             real = asyncio.run(real_part(url, args.teacher_url, args))
     result.update(fake=fake, real=real, targets=targets(fake, real))
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
