@@ -34,7 +34,7 @@ from app.settings import Settings
 from app.upstream import StartupError
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" only where it tells something: not when the help already says
     what the default is, nor for None (unset; the help or the group says what happens then)."""
 
@@ -54,7 +54,7 @@ def _optional_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
@@ -62,7 +62,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = _HelpFormatter
+    parser.formatter_class = HelpFormatter
     data = parser.add_argument_group("dataset")
     data.add_argument("dataset", help="JSONL/JSON/CSV/Parquet file, or a Hugging Face dataset name")
     data.add_argument("--format", choices=FORMATS, help="file format (default: from the suffix)")
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="field with the prompt text, or a list of {role, content} messages (a.b = nested)",
     )
     data.add_argument("--id-field", help="field with a unique id (default: the row position)")
-    data.add_argument("--limit", type=_positive_int, help="use only the first N rows")
+    data.add_argument("--limit", type=positive_int, help="use only the first N rows")
     data.add_argument("--shard", type=str, help="I/N: this job's share of the dataset")
 
     out = parser.add_argument_group("output")
@@ -132,10 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     gen = parser.add_argument_group("generation")
-    gen.add_argument("-n", "--samples", type=_positive_int, default=1, help="samples per prompt")
-    gen.add_argument(
-        "--max-tokens", type=_positive_int, default=256, help="completion length limit"
-    )
+    gen.add_argument("-n", "--samples", type=positive_int, default=1, help="samples per prompt")
+    gen.add_argument("--max-tokens", type=positive_int, default=256, help="completion length limit")
     gen.add_argument("--seed", type=int, default=0, help="job seed; each sample's derives from it")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
@@ -149,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--sample-top-k", type=int, default=0, help="OpenAI/vLLM top_k applied to q (0 = off)"
     )
-    gen.add_argument("--concurrency", type=_positive_int, default=8, help="samples in flight")
+    gen.add_argument("--concurrency", type=positive_int, default=8, help="samples in flight")
     gen.add_argument("--retries", type=int, default=3, help="retries of upstream failures")
     gen.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay (doubles)")
     gen.add_argument(

@@ -293,17 +293,10 @@ async def run_batch(
 # The command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from app.batch.cli import _HelpFormatter
+    from app.batch.cli import HelpFormatter, positive_int
 
-    parser.formatter_class = _HelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.description = (
         "Run an OpenAI batch file (one {custom_id, method, url, body} per line; "
         "/v1/completions and /v1/chat/completions) through the gateway in process and write "
@@ -318,7 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="output JSONL (or - for stdout); its resumable store is <output>.partial.jsonl",
     )
-    parser.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
+    parser.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
     parser.add_argument(
         "--retries", type=int, default=3, help="retries of a line answered 5xx or 429"
     )
