@@ -179,6 +179,35 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
     ).check()
 
 
+IGNORED = {
+    "user": "u-1",
+    "metadata": {"run": "7"},
+    "store": False,
+    "service_tier": "auto",
+    "prompt_cache_key": "k",
+    "safety_identifier": "s",
+    "n": None,
+}
+
+
+def test_ignored_fields_are_accepted_and_change_nothing() -> None:
+    s = settings()
+    plain_c, plain_chat = completion(), chat(max_tokens=5)
+    c = completion(**IGNORED, top_logprobs=3, best_of=1)
+    c.check()
+    assert c.n == 1
+    assert c.generation_params(s) == plain_c.generation_params(s)
+    ch = chat(**IGNORED, max_tokens=5, parallel_tool_calls=False)
+    ch.check()
+    assert ch.generation_params(s) == plain_chat.generation_params(s)
+
+
+@pytest.mark.parametrize("body", [{"metadat": {}}, {"mixing": {"alpah": 0.5}}, {"n": 0}])
+def test_typos_and_bad_values_next_to_ignored_fields_still_fail(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        completion(**{**IGNORED, **body})
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

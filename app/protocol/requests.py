@@ -94,7 +94,7 @@ class StreamOptions(OpenAIBaseModel):
 
 class _SamplingRequest(OpenAIBaseModel):
     model: str | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # null = 1 (the official client's and vLLM's default)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
@@ -105,7 +105,15 @@ class _SamplingRequest(OpenAIBaseModel):
     top_k: int | None = Field(None, ge=-1)  # vLLM's convention: 0 or -1 = off
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored (README.md "Request fields"): bookkeeping for OpenAI's own platform
+    # (stored completions, tiers, caching and abuse keys) that changes nothing a gateway in
+    # front of two vLLM servers generates.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     return_tokens_as_token_ids: StrictBool | None = None
     return_token_ids: StrictBool | None = None
     mixing: MixingOptions | None = None
@@ -116,6 +124,11 @@ class _SamplingRequest(OpenAIBaseModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
     min_p: float | None = None
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null(cls, value: object) -> object:
+        return 1 if value is None else value
 
     @field_validator("stop")
     @classmethod
@@ -226,6 +239,9 @@ class CompletionRequest(_SamplingRequest):
     echo: StrictBool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    # Chat's field sent to /v1/completions by clients that share one request builder; vLLM
+    # ignores it there too (completions' top-N is `logprobs`).
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt", "base_prompt", mode="before")
     @classmethod
