@@ -40,6 +40,7 @@ class GenerationParams:
     """Everything about how to generate, independent of the wire format."""
 
     max_tokens: int | None = 16  # None: up to the context length
+    max_tokens_param: str = "max_tokens"  # the field errors about max_tokens name
     n: int = 1
     seed: int | None = None
     stop: Sequence[str] = ()

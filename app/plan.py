@@ -86,6 +86,18 @@ def make_plan(
     """Every check of a request with its token ids; `models` are the upstreams' ModelInfo by
     role ("base", "teacher"): a prompt must leave room for at least one generated token."""
     k = check_request(settings, params, len(prompts))
+    max_model_len = min(models["teacher"].max_model_len, models["base"].max_model_len)
+    if params.max_tokens is not None and params.max_tokens > max_model_len:
+        # vLLM's check and wording (its TokenizeParams, with the parameter and value its error
+        # response appends); a prompt that leaves less room than max_tokens is not an error
+        # there, the output is shortened to the room left ("length"), and here too.
+        name = params.max_tokens_param
+        raise InvalidRequestError(
+            f"{name}={params.max_tokens} cannot be greater than "
+            f"max_model_len={max_model_len}. Please request fewer output tokens. "
+            f"(parameter={name}, value={params.max_tokens})",
+            param=name,
+        )
     for p in prompts:
         check_ids(p.teacher, "prompt")
         check_ids(p.base, "base_prompt")

@@ -30,6 +30,7 @@ from app.generation import ChatMessage, Completion, DualPrompt, Event, Generatio
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
+from app.upstream import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class Backend(Protocol):
         """Token id -> text for `logprobs` (app.pair.TokenTextCache)."""
 
     async def ready(self) -> bool: ...
+
+    @property
+    def models(self) -> Mapping[str, ModelInfo]:
+        """The upstreams' model info by role ("base", "teacher")."""
 
     def check(self, params: GenerationParams, prompts: int) -> None:
         """The request-level checks (app/plan.py `check_request`); raises
@@ -183,8 +188,11 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    settings = gateway(request).settings
-    return _json(protocol.ModelList(data=[protocol.ModelCard(id=settings.model_name)]))
+    state = gateway(request)
+    name = state.settings.model_name
+    limit = min(info.max_model_len for info in state.backend.models.values())
+    card = protocol.ModelCard(id=name, root=name, max_model_len=limit)
+    return _json(protocol.ModelList(data=[card]))
 
 
 @router.post("/v1/completions")

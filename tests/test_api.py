@@ -420,6 +420,10 @@ async def test_unknown_model_is_404(gateway: Gateway) -> None:
         models = (await g.client.get("/v1/models")).json()
         assert models["object"] == "list"
         assert [m["id"] for m in models["data"]] == ["dual-vllm"]
+        # vLLM's card fields: root, and the smaller context of the two upstreams.
+        [card] = models["data"]
+        assert card["root"] == "dual-vllm"
+        assert card["max_model_len"] == min(g.base.max_model_len, g.teacher.max_model_len)
 
 
 async def test_api_keys(gateway: Gateway) -> None:
@@ -556,6 +560,7 @@ class _Exploding:
     """A backend whose generation fails with a bug (not an app error)."""
 
     token_texts: Any = None
+    models: Any = None
 
     async def ready(self) -> bool:
         return False
@@ -632,3 +637,22 @@ async def test_token_texts_re_raise_the_typed_upstream_error() -> None:
     texts = TokenTextCache(_DownDetokenizer())
     with pytest.raises(UpstreamUnavailableError):
         await texts([1, 2, 3])
+
+
+async def test_max_tokens_above_the_context_is_a_400_naming_the_field(gateway: Gateway) -> None:
+    async with gateway() as g:
+        limit = min(g.base.max_model_len, g.teacher.max_model_len)
+        for path, body, param in (
+            ("/v1/completions", {"prompt": "x", "max_tokens": limit + 1}, "max_tokens"),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999},
+                "max_completion_tokens",
+            ),
+        ):
+            response = await g.client.post(path, json=body)
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["param"] == param
+            assert error["message"].startswith(f"{param}=")
+            assert f"cannot be greater than max_model_len={limit}." in error["message"]

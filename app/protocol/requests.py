@@ -194,11 +194,16 @@ class _SamplingRequest(OpenAIBaseModel):
         )
 
     def _params(
-        self, settings: Settings, max_tokens: int | None, logprobs: int | None
+        self,
+        settings: Settings,
+        max_tokens: int | None,
+        logprobs: int | None,
+        max_tokens_param: str = "max_tokens",
     ) -> generation.GenerationParams:
         seed = None if self.seed is None else self.seed % 2**64  # numpy wants seed >= 0
         return generation.GenerationParams(
             max_tokens=max_tokens,
+            max_tokens_param=max_tokens_param,
             n=self.n,
             seed=seed,
             stop=tuple(self.stop_list),
@@ -356,7 +361,8 @@ class ChatCompletionRequest(_SamplingRequest):
     def generation_params(self, settings: Settings) -> generation.GenerationParams:
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to the context
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._params(settings, max_tokens, logprobs)
+        param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        return self._params(settings, max_tokens, logprobs, param)
 
     def chat_messages(self) -> list[generation.ChatMessage]:
         return [m.to_message() for m in self.messages]
