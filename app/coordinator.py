@@ -47,6 +47,7 @@ from app.diagnostics import summary as diagnostics_summary
 from app.generation import (
     MAX_LOGPROBS,
     ChatMessage,
+    ChatTemplate,
     Completion,
     DualPrompt,
     Event,
@@ -70,6 +71,7 @@ from app.upstream import ModelInfo, StartupError, UpstreamClient
 __all__ = [
     "MAX_LOGPROBS",
     "ChatMessage",
+    "ChatTemplate",
     "Completion",
     "Coordinator",
     "DualPrompt",
@@ -190,9 +192,11 @@ class Coordinator:
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt:
-        """The teacher's chat template and the base's prompt; app/prompts.py."""
-        return await self.prompts.chat_prompt(messages, base_messages, base_prompt)
+        """The teacher's chat template (with `template`'s options) and the base's prompt;
+        app/prompts.py."""
+        return await self.prompts.chat_prompt(messages, base_messages, base_prompt, template)
 
     def check(self, params: GenerationParams, prompts: int) -> None:
         """The request-level checks of app/plan.py, before any prompt is tokenized (the HTTP

@@ -8,9 +8,9 @@ job and library users all speak these.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from app.diagnostics import summary
 from app.sampling.types import MixConfig, StepResult
@@ -33,6 +33,17 @@ class DualPrompt:
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None  # OpenAI's participant name; the teacher's template may show it
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """Options of the teacher's chat template rendering (vLLM's TokenizeChatRequest fields).
+    The base's plain rendering (Settings.base_*_format) ignores them."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # vLLM's chat_template_kwargs
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,14 @@ from pydantic import BaseModel
 
 from app import protocol, streaming
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
-from app.generation import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.generation import (
+    ChatMessage,
+    ChatTemplate,
+    Completion,
+    DualPrompt,
+    Event,
+    GenerationParams,
+)
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
@@ -71,6 +78,7 @@ class Backend(Protocol):
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt: ...
 
     def stream(
@@ -218,7 +226,7 @@ async def create_chat_completion(
     state.backend.check(params, 1)  # first, as for completions
     body.check()
     prompt = await state.backend.chat_prompt(
-        body.chat_messages(), body.base_chat_messages(), body.base_prompt
+        body.chat_messages(), body.base_chat_messages(), body.base_prompt, body.chat_template()
     )
     return await _respond(ChatRenderer, body, [prompt], params, request)
 

@@ -572,7 +572,11 @@ class _Exploding:
         return [DualPrompt(teacher=[1], base=[1])]
 
     async def chat_prompt(
-        self, messages: Any, base_messages: Any = None, base_prompt: Any = None
+        self,
+        messages: Any,
+        base_messages: Any = None,
+        base_prompt: Any = None,
+        template: Any = None,
     ) -> DualPrompt:
         raise UpstreamUnavailableError("teacher is down", upstream="teacher")
 
@@ -656,3 +660,57 @@ async def test_max_tokens_above_the_context_is_a_400_naming_the_field(gateway: G
             assert error["param"] == param
             assert error["message"].startswith(f"{param}=")
             assert f"cannot be greater than max_model_len={limit}." in error["message"]
+
+
+async def test_chat_template_options_reach_the_teachers_rendering_only(gateway: Gateway) -> None:
+    """chat_template_kwargs, add_generation_prompt, continue_final_message, reasoning_effort
+    and message names go to the teacher's /tokenize (vLLM's TokenizeChatRequest fields); the
+    base's plain rendering ignores them; a default request sends none of them."""
+    async with gateway() as g:
+        user = {"role": "user", "content": "hi", "name": "ann"}
+        base_body = {"messages": [user], "max_tokens": 1}
+        assert (await g.client.post("/v1/chat/completions", json=base_body)).status_code == 200
+        sent = g.teacher.chat_tokenize_bodies[-1]
+        assert "chat_template_kwargs" not in sent
+        assert "continue_final_message" not in sent
+        assert sent["messages"] == [user]
+        plain_base = g.base.requests[-1]["prompt"]
+
+        body = {**base_body, "chat_template_kwargs": {"enable_thinking": False}}
+        response = await g.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        assert g.teacher.chat_tokenize_bodies[-1]["chat_template_kwargs"] == {
+            "enable_thinking": False
+        }
+        assert response.json()["usage"]["prompt_tokens"] == len(
+            encode(apply_chat_template([user], add_generation_prompt=True, enable_thinking=False))
+        )
+        assert g.base.requests[-1]["prompt"] == plain_base  # the base ignores template options
+
+        body = {**base_body, "reasoning_effort": "none"}
+        assert (await g.client.post("/v1/chat/completions", json=body)).status_code == 200
+        assert g.teacher.chat_tokenize_bodies[-1]["chat_template_kwargs"] == {
+            "reasoning_effort": "none",
+            "enable_thinking": False,
+        }
+
+        partial = [user, {"role": "assistant", "content": "Hel"}]
+        body = {
+            "messages": partial,
+            "max_tokens": 1,
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        }
+        response = await g.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        expected = apply_chat_template(partial, False, continue_final_message=True)
+        assert expected.endswith("Hel")
+        assert response.json()["usage"]["prompt_tokens"] == len(encode(expected))
+
+        both = {**body, "add_generation_prompt": True}
+        response = await g.client.post("/v1/chat/completions", json=both)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "continue_final_message"
+        assert response.json()["error"]["message"] == (
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )

@@ -300,7 +300,7 @@ class ChatCompletionMessageParam(OpenAIBaseModel):
             else "".join(part.text for part in self.content)
         )
         role = "system" if self.role == "developer" else self.role
-        return generation.ChatMessage(role=role, content=content)
+        return generation.ChatMessage(role=role, content=content, name=self.name)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -321,6 +321,14 @@ class ChatCompletionRequest(_SamplingRequest):
     function_call: Any = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
+    # The teacher's chat template (vLLM's fields, passed to its /tokenize); the base's plain
+    # rendering ignores them.
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
 
     @field_validator("base_prompt", mode="before")
     @classmethod
@@ -353,6 +361,16 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise InvalidRequestError(
                     f"`{name}` (tool calling) is not supported by this gateway", param=name
                 )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequestError(  # vLLM's check and wording
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                param="continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise InvalidRequestError(
+                "continue_final_message needs the last message to be the assistant's",
+                param="continue_final_message",
+            )
         if self.response_format and self.response_format.get("type") != "text":
             raise InvalidRequestError(
                 'only response_format {"type": "text"} is supported', param="response_format"
@@ -363,6 +381,20 @@ class ChatCompletionRequest(_SamplingRequest):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
         return self._params(settings, max_tokens, logprobs, param)
+
+    def chat_template(self) -> generation.ChatTemplate:
+        """The teacher's template options, as vLLM builds them: `reasoning_effort` goes to the
+        template as a variable and, unless `chat_template_kwargs` sets `enable_thinking`, sets
+        it (false for "none"); a template that does not use a variable ignores it."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return generation.ChatTemplate(
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            kwargs=kwargs,
+        )
 
     def chat_messages(self) -> list[generation.ChatMessage]:
         return [m.to_message() for m in self.messages]
