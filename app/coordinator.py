@@ -62,6 +62,7 @@ from app.pair import UpstreamPair
 from app.plan import Plan, check_request, make_plan
 from app.prompts import PromptBuilder, PromptInput, render_base_chat
 from app.sampling import make_generators, mix_step, top_logprobs, warm_up
+from app.sampling.shaping import History, shapes
 from app.sampling.types import StepResult
 from app.settings import Settings
 from app.tasks import cancel, task_group
@@ -114,6 +115,8 @@ class _Sequence:
     text_ids: list[int] = field(default_factory=list)  # generated ids that contribute text
     last_text: str = ""  # their text as last detokenized (incremental only; cut at a stop)
     alpha: float | None = None  # the last step's α: the solver's warm start
+    prompt_ids: frozenset[int] = frozenset()  # the teacher prompt's ids (repetition_penalty)
+    counts: dict[int, int] = field(default_factory=dict)  # generated id -> times (penalties)
 
 
 class Coordinator:
@@ -286,6 +289,7 @@ class Coordinator:
             affinity=_affinity(prompt.teacher, index % n),
             text=TextRelease(plan.stops, include_stop=plan.params.include_stop_str_in_output),
             decoded=self.pair.incremental_text(),
+            prompt_ids=frozenset(prompt.teacher),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)
@@ -305,10 +309,20 @@ class Coordinator:
             first_token=not seq.generated,
             rng=seq.rng,
             alpha_hint=seq.alpha,
+            history=self._history(plan, seq),
         )
         if self.observer is not None:
             self.observer.step(result, time.perf_counter() - started)
         return [result]
+
+    @staticmethod
+    def _history(plan: Plan, seq: _Sequence) -> History | None:
+        """What docs/ALGORITHM.md §5a's penalties and min_tokens read; None when the request
+        sets none of them (the step is then the kernel's alone)."""
+        held = plan.held_ids if len(seq.generated) < plan.params.min_tokens else frozenset()
+        if not held and not shapes(plan.params.mixing):
+            return None
+        return History(prompt=seq.prompt_ids, counts=seq.counts, held=held)
 
     async def _generate(self, plan: Plan, seq: _Sequence, emit: Emit) -> None:
         # The next step is prefetched while this token is detokenized, as a plain task rather
@@ -356,6 +370,7 @@ class Coordinator:
         stop reason, whether the id contributes text)."""
         y = result.token_id
         seq.generated.append(y)
+        seq.counts[y] = seq.counts.get(y, 0) + 1
         seq.teacher_ctx.append(y)
         seq.base_ctx.append(y)
         if result.alpha is not None:

@@ -30,6 +30,7 @@ class Plan:
     k: int  # logprobs K asked of each upstream
     eos: frozenset[int]  # ids that end a choice with "stop" (empty with ignore_eos)
     stop_ids: frozenset[int]
+    held_ids: frozenset[int]  # held back until min_tokens: EOS (even with ignore_eos) + stop ids
     stops: tuple[str, ...]  # non-empty stop strings
     incremental: bool  # detokenize after every token (streaming, stop strings)
 
@@ -48,6 +49,14 @@ def check_request(settings: Settings, params: GenerationParams, prompts: int) ->
         )
     if params.max_tokens is not None and params.max_tokens < 1:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    if params.min_tokens < 0:
+        raise InvalidRequestError("min_tokens must be at least 0", param="min_tokens")
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise InvalidRequestError(  # vLLM's wording
+            f"min_tokens must be less than or equal to max_tokens={params.max_tokens}, "
+            f"got {params.min_tokens}.",
+            param="min_tokens",
+        )
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
         raise InvalidRequestError(
             f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs"
@@ -118,6 +127,9 @@ def make_plan(
         k=k,
         eos=frozenset() if params.ignore_eos else frozenset(eos_token_ids),
         stop_ids=frozenset(params.stop_token_ids),
+        held_ids=frozenset(eos_token_ids) | frozenset(params.stop_token_ids)
+        if params.min_tokens > 0
+        else frozenset(),
         stops=stops,
         incremental=incremental or bool(stops),
     )

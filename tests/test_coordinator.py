@@ -771,3 +771,24 @@ async def test_over_real_http_with_the_served_fakes() -> None:
     assert result.text == "real"
     assert result.finish_reason == "stop"
     assert teacher.completions_finished == 1 + len(result.token_ids)
+
+
+async def test_min_tokens_never_ends_early_and_a_banned_id_never_appears(
+    coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
+) -> None:
+    """docs/ALGORITHM.md §5a through the loop: EOS is near-certain after "ab" (the trust region
+    keeps it alone), min_tokens holds it back; a -100 bias on the scripted "b" bans it."""
+    script_both(base, teacher, "ab")
+    async with coordinator() as coord:
+        results = await coord.generate(
+            [PROMPT], GenerationParams(max_tokens=12, min_tokens=6, n=4, seed=1)
+        )
+        for result in results:
+            assert result.completion_tokens >= 6
+            assert EOS_ID not in result.token_ids[:6]
+        b = encode("b")[0]
+        banned = GenerationParams(
+            max_tokens=6, n=4, seed=2, mixing=MixConfig(logit_bias=((b, -100.0),))
+        )
+        for result in await coord.generate([PROMPT], banned):
+            assert b not in result.token_ids

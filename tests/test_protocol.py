@@ -155,8 +155,8 @@ def test_speculative_says_it_is_not_available_yet() -> None:
         ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": ["a", "b"], "base_prompt": "c"}, "base_prompt"),
     ],
@@ -256,3 +256,20 @@ def test_prompt_shape_errors_are_prompt_lists_messages(prompt: object) -> None:
     errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
     assert validation_message(errors) == (f"invalid `prompt`: {direct.value.message}", "prompt")
     assert direct.value.param == "prompt"
+
+
+def test_vllm_sampling_parameters_reach_the_mix_config() -> None:
+    s = settings()
+    params = completion(
+        min_p=0.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        logit_bias={"7": 250, "3": -1.5},
+        min_tokens=4,
+    ).generation_params(s)
+    assert params.min_tokens == 4
+    mixing = params.mixing
+    assert (mixing.min_p, mixing.presence_penalty, mixing.frequency_penalty) == (0.1, 0.5, -0.5)
+    assert mixing.repetition_penalty == 1.2
+    assert mixing.logit_bias == ((3, -1.5), (7, 100.0))  # clamped to [-100, 100] as in vLLM

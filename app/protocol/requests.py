@@ -11,6 +11,7 @@ max_n, ...) are app/plan.py's, run by the route before any prompt is tokenized.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -117,13 +118,14 @@ class _SamplingRequest(OpenAIBaseModel):
     return_tokens_as_token_ids: StrictBool | None = None
     return_token_ids: StrictBool | None = None
     mixing: MixingOptions | None = None
-    # OpenAI fields accepted only at their neutral value (check() rejects anything else).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    # vLLM's sampling parameters, applied to the mixture q (docs/ALGORITHM.md §5a); vLLM's
+    # ranges (its SamplingParams checks).
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    min_tokens: int | None = None
-    min_p: float | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
 
     @field_validator("n", mode="before")
     @classmethod
@@ -147,24 +149,32 @@ class _SamplingRequest(OpenAIBaseModel):
             raise InvalidRequestError(
                 "stream_options can only be set when stream is true", param="stream_options"
             )
-        neutral: dict[str, Any] = {
-            "frequency_penalty": (0.0,),
-            "presence_penalty": (0.0,),
-            "repetition_penalty": (1.0,),
-            "min_tokens": (0,),
-            "min_p": (0.0,),
-        }
-        for name, allowed in neutral.items():
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise InvalidRequestError(
-                    f"`{name}` is not supported by this gateway (only {allowed[0]} is accepted)",
-                    param=name,
-                )
-        if self.logit_bias:
+        self.logit_bias_items()  # its keys must be token ids
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (id, bias) pairs, biases clamped to [-100, 100] (vLLM's rule), keys
+        that are not token ids refused with vLLM's message."""
+        if not self.logit_bias:
+            return ()
+        items: dict[int, float] = {}
+        invalid: list[str] = []
+        for key, bias in self.logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                invalid.append(key)
+                continue
+            if token_id < 0 or not math.isfinite(bias):
+                invalid.append(key)
+                continue
+            items[token_id] = min(100.0, max(-100.0, bias))
+        if invalid:
             raise InvalidRequestError(
-                "`logit_bias` is not supported by this gateway", param="logit_bias"
+                "logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                f"{invalid!r}",
+                param="logit_bias",
             )
+        return tuple(sorted(items.items()))
 
     @property
     def stop_list(self) -> list[str]:
@@ -191,6 +201,11 @@ class _SamplingRequest(OpenAIBaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias_items(),
         )
 
     def _params(
@@ -210,6 +225,7 @@ class _SamplingRequest(OpenAIBaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens or 0,
             logprobs=logprobs,
             top_k_upstream=self.mixing.top_k if self.mixing else None,
             mixing=self.mix_config(settings),
