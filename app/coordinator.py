@@ -20,6 +20,9 @@ docs/VLLM_API.md):
 4. `max_tokens`, then the context: "length". The context limit is the smaller of both
    upstreams' `max_model_len` minus their own prompt length.
 
+(With `skip_special_tokens`, vLLM's default, no special id adds text: EOS generated under
+`ignore_eos`, `<|im_start|>`, ...; the ids stay in `token_ids`.)
+
 Text: the teacher tokenizer's decoding of the generated ids (app/detok.py: in process with
 DUAL_VLLM_TOKENIZER, else the teacher's `/detokenize`). While streaming (or when stop strings
 need it) the text is updated after every token from a bounded window of recent ids,
@@ -218,6 +221,7 @@ class Coordinator:
             prompts,
             params,
             incremental=incremental,
+            special_ids=self.pair.special_ids,
         )
 
     # --- generation --------------------------------------------------------------------------
@@ -383,6 +387,8 @@ class Coordinator:
         elif y in plan.stop_ids:
             finish, stop_reason = "stop", y
             adds_text = plan.params.include_stop_str_in_output
+        if adds_text and y in plan.silent_ids:  # skip_special_tokens
+            adds_text = False
         if adds_text:
             seq.text_ids.append(y)
         if finish is None and len(seq.generated) >= seq.budget:

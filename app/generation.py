@@ -59,6 +59,7 @@ class GenerationParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop ids are held back until this many tokens (vLLM's)
+    skip_special_tokens: bool = True  # special ids add no text (vLLM's default)
     logprobs: int | None = None  # top-N of q per token (N <= 20), None = off
     top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
     mixing: MixConfig = field(default_factory=MixConfig)

@@ -31,6 +31,7 @@ class Plan:
     eos: frozenset[int]  # ids that end a choice with "stop" (empty with ignore_eos)
     stop_ids: frozenset[int]
     held_ids: frozenset[int]  # held back until min_tokens: EOS (even with ignore_eos) + stop ids
+    silent_ids: frozenset[int]  # ids that add no text (special ids with skip_special_tokens)
     stops: tuple[str, ...]  # non-empty stop strings
     incremental: bool  # detokenize after every token (streaming, stop strings)
 
@@ -91,6 +92,7 @@ def make_plan(
     params: GenerationParams,
     *,
     incremental: bool,
+    special_ids: Collection[int] = (),
 ) -> Plan:
     """Every check of a request with its token ids; `models` are the upstreams' ModelInfo by
     role ("base", "teacher"): a prompt must leave room for at least one generated token."""
@@ -130,6 +132,7 @@ def make_plan(
         held_ids=frozenset(eos_token_ids) | frozenset(params.stop_token_ids)
         if params.min_tokens > 0
         else frozenset(),
+        silent_ids=frozenset(special_ids) if params.skip_special_tokens else frozenset(),
         stops=stops,
         incremental=incremental or bool(stops),
     )

@@ -204,7 +204,15 @@ async def test_ignore_eos_runs_to_max_tokens(
     assert result.finish_reason == "length"
     assert result.completion_tokens == 6
     assert result.token_ids[:3] == [*encode("ab"), EOS_ID]
-    assert result.text == decode(result.token_ids)
+    # skip_special_tokens (vLLM's default): the EOS generated under ignore_eos adds no text.
+    assert result.text == decode([i for i in result.token_ids if i != EOS_ID])
+    assert "<|im_end|>" not in result.text
+    async with coordinator() as coord:
+        params = GenerationParams(max_tokens=6, ignore_eos=True, skip_special_tokens=False)
+        for incremental in (False, True):
+            [kept] = await coord.generate([PROMPT], params, token_text=incremental)
+            assert kept.text == decode(kept.token_ids)
+            assert "<|im_end|>" in kept.text
 
 
 @pytest.mark.parametrize(("include", "expected"), [(False, "a"), (True, "ab")])
@@ -792,3 +800,12 @@ async def test_min_tokens_never_ends_early_and_a_banned_id_never_appears(
         )
         for result in await coord.generate([PROMPT], banned):
             assert b not in result.token_ids
+
+
+async def test_special_ids_come_from_tokenizer_info_and_eos(
+    coordinator: CoordinatorFactory,
+) -> None:
+    async with coordinator() as coord:
+        # The fake's added_tokens_decoder marks <|endoftext|>, <|im_start|>, <|im_end|> special.
+        assert coord.pair.special_ids == {0, 1, 2}
+        assert EOS_ID in coord.pair.special_ids

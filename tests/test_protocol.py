@@ -273,3 +273,10 @@ def test_vllm_sampling_parameters_reach_the_mix_config() -> None:
     assert (mixing.min_p, mixing.presence_penalty, mixing.frequency_penalty) == (0.1, 0.5, -0.5)
     assert mixing.repetition_penalty == 1.2
     assert mixing.logit_bias == ((3, -1.5), (7, 100.0))  # clamped to [-100, 100] as in vLLM
+
+
+def test_skip_special_tokens_defaults_to_true_and_spaces_between_is_accepted() -> None:
+    s = settings()
+    assert completion().generation_params(s).skip_special_tokens is True
+    params = chat(skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert params.generation_params(s).skip_special_tokens is False

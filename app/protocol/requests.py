@@ -101,6 +101,10 @@ class _SamplingRequest(OpenAIBaseModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: StrictBool = False
     ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    # Only changes how a slow (Python) tokenizer joins special tokens it does not skip; the
+    # gateway's decoding is the teacher's fast tokenizer's. Accepted, ignored.
+    spaces_between_special_tokens: StrictBool = True
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's convention: 0 or -1 = off
@@ -226,6 +230,7 @@ class _SamplingRequest(OpenAIBaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens or 0,
+            skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             top_k_upstream=self.mixing.top_k if self.mixing else None,
             mixing=self.mix_config(settings),
