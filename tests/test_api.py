@@ -317,7 +317,7 @@ async def test_chat_stream_role_first_logprobs_and_usage(gateway: Gateway) -> No
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
         ("/v1/completions", {"prompt": "x", "n": 65}, "n"),
         ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, "echo"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 5}}, "logit_bias"),
@@ -718,3 +718,23 @@ async def test_chat_template_options_reach_the_teachers_rendering_only(gateway: 
         assert response.json()["error"]["message"] == (
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
         )
+
+
+async def test_echo_prepends_each_prompt_text_as_vllm_does(gateway: Gateway) -> None:
+    async with gateway() as g:
+        body = {"prompt": ["one ", "two "], "n": 2, "max_tokens": 3, "seed": 4}
+        plain = (await g.client.post("/v1/completions", json=body)).json()
+        echoed = (await g.client.post("/v1/completions", json={**body, "echo": True})).json()
+        for a, b in zip(plain["choices"], echoed["choices"], strict=True):
+            prompt = body["prompt"][a["index"] // 2]  # type: ignore[index]
+            assert b["text"] == prompt + a["text"]
+        assert echoed["usage"] == plain["usage"]
+        response = await g.client.post(
+            "/v1/completions", json={**body, "echo": True, "stream": True}
+        )
+        texts: dict[int, str] = {}
+        for event in sse_events(response.text):
+            if isinstance(event, dict):
+                for choice in event["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        assert texts == {c["index"]: c["text"] for c in echoed["choices"]}

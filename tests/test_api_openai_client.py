@@ -239,7 +239,7 @@ def test_client_errors(live: Factory) -> None:
             client.completions.create(model="dual-vllm", prompt="x", temperature=3)
         assert bad.value.param == "temperature"
         with pytest.raises(openai.BadRequestError) as unsupported:
-            client.completions.create(model="dual-vllm", prompt="x", echo=True)
+            client.completions.create(model="dual-vllm", prompt="x", echo=True, logprobs=1)
         assert unsupported.value.param == "echo"
         with pytest.raises(openai.BadRequestError) as extension:
             client.completions.create(

@@ -152,7 +152,8 @@ def test_speculative_says_it_is_not_available_yet() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"echo": True}, "echo"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": True, "prompt": [1, 2]}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"logit_bias": {"five": 1.0}}, "logit_bias"),

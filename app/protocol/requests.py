@@ -286,14 +286,29 @@ class CompletionRequest(_SamplingRequest):
                 f"{count}; a list must match prompt's length",
                 param="base_prompt",
             )
-        if self.echo:
-            raise InvalidRequestError("`echo` is not supported by this gateway", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "`echo` with `logprobs` is not supported by this gateway: the prompt tokens' "
+                "logprobs of the mixture are not computed",
+                param="echo",
+            )
+        if self.echo and not all(isinstance(p, str) for p in prompt_list(self.prompt, "prompt")):
+            raise InvalidRequestError(
+                "`echo` needs text prompts here (a token-id prompt's text is not decoded)",
+                param="echo",
+            )
         if self.suffix:
             raise InvalidRequestError("`suffix` is not supported by this gateway", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError(
                 "`best_of` is not supported by this gateway (only best_of == n)", param="best_of"
             )
+
+    def echo_texts(self) -> tuple[str, ...]:
+        """`echo`: each prompt's text (check() allows echo with text prompts only)."""
+        if not self.echo:
+            return ()
+        return tuple(p if isinstance(p, str) else "" for p in prompt_list(self.prompt, "prompt"))
 
     def generation_params(self, settings: Settings) -> generation.GenerationParams:
         max_tokens = 16 if self.max_tokens is None else self.max_tokens  # vLLM: null -> 16
