@@ -16,7 +16,8 @@ docs/VLLM_API.md):
 2. `stop_token_ids`: "stop", stop_reason = the id; its text only with
    `include_stop_str_in_output`;
 3. stop strings, matched on the detokenized text (app/textrelease.py): "stop", stop_reason =
-   the string; the token that completed it stays in `token_ids`;
+   the string; the token that completed it stays in `token_ids`; with `min_tokens`, only
+   after that many tokens and only a stop string ending in the text after them (vLLM's);
 4. `max_tokens`, then the context: "length". The context limit is the smaller of both
    upstreams' `max_model_len` minus their own prompt length.
 
@@ -120,6 +121,7 @@ class _Sequence:
     alpha: float | None = None  # the last step's α: the solver's warm start
     prompt_ids: frozenset[int] = frozenset()  # the teacher prompt's ids (repetition_penalty)
     counts: dict[int, int] = field(default_factory=dict)  # generated id -> times (penalties)
+    stop_floor: int = 0  # a stop string must end after this offset (the min_tokens tokens' text)
 
 
 class Coordinator:
@@ -349,7 +351,11 @@ class Coordinator:
                     released = ""
                     if plan.incremental and adds_text:
                         text = await seq.decoded.text(seq.text_ids)
-                        hit = seq.text.find_stop(text)
+                        hit = None
+                        if len(seq.generated) > plan.params.min_tokens:
+                            hit = seq.text.find_stop(text, seq.stop_floor)
+                        else:  # vLLM: no stop string within the first min_tokens tokens
+                            seq.stop_floor = len(text)
                         if hit is not None:
                             cut, stop = hit
                             text = text[:cut]

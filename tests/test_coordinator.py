@@ -809,3 +809,18 @@ async def test_special_ids_come_from_tokenizer_info_and_eos(
         # The fake's added_tokens_decoder marks <|endoftext|>, <|im_start|>, <|im_end|> special.
         assert coord.pair.special_ids == {0, 1, 2}
         assert EOS_ID in coord.pair.special_ids
+
+
+async def test_min_tokens_holds_stop_strings_back_as_vllm_does(
+    coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
+) -> None:
+    """vLLM matches stop strings only once min_tokens tokens are out, and only those ending in
+    the text after them: "b" inside the first 3 tokens does not stop; the next "b" does."""
+    script_both(base, teacher, "abcabcabc")
+    async with coordinator() as coord:
+        [early] = await coord.generate([PROMPT], GenerationParams(max_tokens=9, stop=["b"]))
+        assert (early.text, early.stop_reason) == ("a", "b")
+        params = GenerationParams(max_tokens=9, stop=["b"], min_tokens=3)
+        [held] = await coord.generate([PROMPT], params)
+        assert (held.text, held.stop_reason) == ("abca", "b")
+        assert held.completion_tokens == 5
