@@ -16,9 +16,13 @@ docs/VLLM_API.md):
 2. `stop_token_ids`: "stop", stop_reason = the id; its text only with
    `include_stop_str_in_output`;
 3. stop strings, matched on the detokenized text (app/textrelease.py): "stop", stop_reason =
-   the string; the token that completed it stays in `token_ids`;
+   the string; the token that completed it stays in `token_ids`; with `min_tokens`, only
+   after that many tokens and only a stop string ending in the text after them (vLLM's);
 4. `max_tokens`, then the context: "length". The context limit is the smaller of both
    upstreams' `max_model_len` minus their own prompt length.
+
+(With `skip_special_tokens`, vLLM's default, no special id adds text: EOS generated under
+`ignore_eos`, `<|im_start|>`, ...; the ids stay in `token_ids`.)
 
 Text: the teacher tokenizer's decoding of the generated ids (app/detok.py: in process with
 DUAL_VLLM_TOKENIZER, else the teacher's `/detokenize`). While streaming (or when stop strings
@@ -47,6 +51,7 @@ from app.diagnostics import summary as diagnostics_summary
 from app.generation import (
     MAX_LOGPROBS,
     ChatMessage,
+    ChatTemplate,
     Completion,
     DualPrompt,
     Event,
@@ -61,6 +66,7 @@ from app.pair import UpstreamPair
 from app.plan import Plan, check_request, make_plan
 from app.prompts import PromptBuilder, PromptInput, render_base_chat
 from app.sampling import make_generators, mix_step, top_logprobs, warm_up
+from app.sampling.shaping import History, shapes
 from app.sampling.types import StepResult
 from app.settings import Settings
 from app.tasks import cancel, task_group
@@ -70,6 +76,7 @@ from app.upstream import ModelInfo, StartupError, UpstreamClient
 __all__ = [
     "MAX_LOGPROBS",
     "ChatMessage",
+    "ChatTemplate",
     "Completion",
     "Coordinator",
     "DualPrompt",
@@ -112,6 +119,9 @@ class _Sequence:
     text_ids: list[int] = field(default_factory=list)  # generated ids that contribute text
     last_text: str = ""  # their text as last detokenized (incremental only; cut at a stop)
     alpha: float | None = None  # the last step's α: the solver's warm start
+    prompt_ids: frozenset[int] = frozenset()  # the teacher prompt's ids (repetition_penalty)
+    counts: dict[int, int] = field(default_factory=dict)  # generated id -> times (penalties)
+    stop_floor: int = 0  # a stop string must end after this offset (the min_tokens tokens' text)
 
 
 class Coordinator:
@@ -190,9 +200,11 @@ class Coordinator:
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt:
-        """The teacher's chat template and the base's prompt; app/prompts.py."""
-        return await self.prompts.chat_prompt(messages, base_messages, base_prompt)
+        """The teacher's chat template (with `template`'s options) and the base's prompt;
+        app/prompts.py."""
+        return await self.prompts.chat_prompt(messages, base_messages, base_prompt, template)
 
     def check(self, params: GenerationParams, prompts: int) -> None:
         """The request-level checks of app/plan.py, before any prompt is tokenized (the HTTP
@@ -211,6 +223,7 @@ class Coordinator:
             prompts,
             params,
             incremental=incremental,
+            special_ids=self.pair.special_ids,
         )
 
     # --- generation --------------------------------------------------------------------------
@@ -282,6 +295,7 @@ class Coordinator:
             affinity=_affinity(prompt.teacher, index % n),
             text=TextRelease(plan.stops, include_stop=plan.params.include_stop_str_in_output),
             decoded=self.pair.incremental_text(),
+            prompt_ids=frozenset(prompt.teacher),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)
@@ -301,10 +315,20 @@ class Coordinator:
             first_token=not seq.generated,
             rng=seq.rng,
             alpha_hint=seq.alpha,
+            history=self._history(plan, seq),
         )
         if self.observer is not None:
             self.observer.step(result, time.perf_counter() - started)
         return [result]
+
+    @staticmethod
+    def _history(plan: Plan, seq: _Sequence) -> History | None:
+        """What docs/ALGORITHM.md §5a's penalties and min_tokens read; None when the request
+        sets none of them (the step is then the kernel's alone)."""
+        held = plan.held_ids if len(seq.generated) < plan.params.min_tokens else frozenset()
+        if not held and not shapes(plan.params.mixing):
+            return None
+        return History(prompt=seq.prompt_ids, counts=seq.counts, held=held)
 
     async def _generate(self, plan: Plan, seq: _Sequence, emit: Emit) -> None:
         # The next step is prefetched while this token is detokenized, as a plain task rather
@@ -327,7 +351,11 @@ class Coordinator:
                     released = ""
                     if plan.incremental and adds_text:
                         text = await seq.decoded.text(seq.text_ids)
-                        hit = seq.text.find_stop(text)
+                        hit = None
+                        if len(seq.generated) > plan.params.min_tokens:
+                            hit = seq.text.find_stop(text, seq.stop_floor)
+                        else:  # vLLM: no stop string within the first min_tokens tokens
+                            seq.stop_floor = len(text)
                         if hit is not None:
                             cut, stop = hit
                             text = text[:cut]
@@ -352,6 +380,7 @@ class Coordinator:
         stop reason, whether the id contributes text)."""
         y = result.token_id
         seq.generated.append(y)
+        seq.counts[y] = seq.counts.get(y, 0) + 1
         seq.teacher_ctx.append(y)
         seq.base_ctx.append(y)
         if result.alpha is not None:
@@ -364,6 +393,8 @@ class Coordinator:
         elif y in plan.stop_ids:
             finish, stop_reason = "stop", y
             adds_text = plan.params.include_stop_str_in_output
+        if adds_text and y in plan.silent_ids:  # skip_special_tokens
+            adds_text = False
         if adds_text:
             seq.text_ids.append(y)
         if finish is None and len(seq.generated) >= seq.budget:

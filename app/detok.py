@@ -57,6 +57,11 @@ class LocalDecoder:
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
+    def special_ids(self) -> frozenset[int]:
+        """The tokenizer's special tokens (what `skip_special_tokens` drops)."""
+        added = self._tokenizer.get_added_tokens_decoder()
+        return frozenset(i for i, token in added.items() if token.special)
+
     async def decode(self, ids: Sequence[int]) -> str:
         return self.decode_now(ids)
 

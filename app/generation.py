@@ -8,9 +8,9 @@ job and library users all speak these.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from app.diagnostics import summary
 from app.sampling.types import MixConfig, StepResult
@@ -33,6 +33,17 @@ class DualPrompt:
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None  # OpenAI's participant name; the teacher's template may show it
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """Options of the teacher's chat template rendering (vLLM's TokenizeChatRequest fields).
+    The base's plain rendering (Settings.base_*_format) ignores them."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # vLLM's chat_template_kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +51,15 @@ class GenerationParams:
     """Everything about how to generate, independent of the wire format."""
 
     max_tokens: int | None = 16  # None: up to the context length
+    max_tokens_param: str = "max_tokens"  # the field errors about max_tokens name
     n: int = 1
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop ids are held back until this many tokens (vLLM's)
+    skip_special_tokens: bool = True  # special ids add no text (vLLM's default)
     logprobs: int | None = None  # top-N of q per token (N <= 20), None = off
     top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
     mixing: MixConfig = field(default_factory=MixConfig)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -114,6 +115,9 @@ class UpstreamPair:
         )
         self.models: dict[str, ModelInfo] = {}
         self.eos_token_ids: frozenset[int] = frozenset()
+        # Ids whose text `skip_special_tokens` drops: EOS, the teacher's special added tokens
+        # (its /tokenizer_info, when read) and the in-process tokenizer's.
+        self.special_ids: frozenset[int] = frozenset()
         self.decoder: Decoder = RemoteDecoder(self.teacher.detokenize)
         if settings.tokenizer is not None:
             self.decoder = self._local_decoder(settings.tokenizer)
@@ -161,6 +165,9 @@ class UpstreamPair:
             probe = base_ids[:4]  # short: fits any context length
             await both(self.base.check_logprobs(probe, k), self.teacher.check_logprobs(probe, k))
             self.eos_token_ids = await self._eos_ids()
+            self.special_ids |= self.eos_token_ids
+            if isinstance(self.decoder, LocalDecoder):
+                self.special_ids |= self.decoder.special_ids()
             await self._check_decoder(teacher_ids)
         except UpstreamError as exc:
             client = self.base if exc.upstream == "base" else self.teacher
@@ -186,6 +193,7 @@ class UpstreamPair:
         if self.settings.eos_token_ids:
             return frozenset(self.settings.eos_token_ids)
         info = await self.teacher.tokenizer_info()
+        self.special_ids = _special_ids(info)
         eos = info.get("eos_token") if info else None
         if isinstance(eos, dict):  # some tokenizers serialise AddedToken objects
             eos = eos.get("content")
@@ -249,3 +257,15 @@ class UpstreamPair:
             raise StartupError(
                 f"cannot load the teacher's tokenizer from DUAL_VLLM_TOKENIZER={path!r}: {exc}"
             ) from exc
+
+
+def _special_ids(info: dict[str, Any] | None) -> frozenset[int]:
+    """The special ids of a /tokenizer_info body's `added_tokens_decoder` (none if absent)."""
+    added = info.get("added_tokens_decoder") if info else None
+    if not isinstance(added, dict):
+        return frozenset()
+    return frozenset(
+        int(key)
+        for key, token in added.items()
+        if key.isdigit() and isinstance(token, dict) and token.get("special") is True
+    )

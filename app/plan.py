@@ -30,6 +30,8 @@ class Plan:
     k: int  # logprobs K asked of each upstream
     eos: frozenset[int]  # ids that end a choice with "stop" (empty with ignore_eos)
     stop_ids: frozenset[int]
+    held_ids: frozenset[int]  # held back until min_tokens: EOS (even with ignore_eos) + stop ids
+    silent_ids: frozenset[int]  # ids that add no text (special ids with skip_special_tokens)
     stops: tuple[str, ...]  # non-empty stop strings
     incremental: bool  # detokenize after every token (streaming, stop strings)
 
@@ -48,6 +50,14 @@ def check_request(settings: Settings, params: GenerationParams, prompts: int) ->
         )
     if params.max_tokens is not None and params.max_tokens < 1:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    if params.min_tokens < 0:
+        raise InvalidRequestError("min_tokens must be at least 0", param="min_tokens")
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise InvalidRequestError(  # vLLM's wording
+            f"min_tokens must be less than or equal to max_tokens={params.max_tokens}, "
+            f"got {params.min_tokens}.",
+            param="min_tokens",
+        )
     if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
         raise InvalidRequestError(
             f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs"
@@ -82,10 +92,23 @@ def make_plan(
     params: GenerationParams,
     *,
     incremental: bool,
+    special_ids: Collection[int] = (),
 ) -> Plan:
     """Every check of a request with its token ids; `models` are the upstreams' ModelInfo by
     role ("base", "teacher"): a prompt must leave room for at least one generated token."""
     k = check_request(settings, params, len(prompts))
+    max_model_len = min(models["teacher"].max_model_len, models["base"].max_model_len)
+    if params.max_tokens is not None and params.max_tokens > max_model_len:
+        # vLLM's check and wording (its TokenizeParams, with the parameter and value its error
+        # response appends); a prompt that leaves less room than max_tokens is not an error
+        # there, the output is shortened to the room left ("length"), and here too.
+        name = params.max_tokens_param
+        raise InvalidRequestError(
+            f"{name}={params.max_tokens} cannot be greater than "
+            f"max_model_len={max_model_len}. Please request fewer output tokens. "
+            f"(parameter={name}, value={params.max_tokens})",
+            param=name,
+        )
     for p in prompts:
         check_ids(p.teacher, "prompt")
         check_ids(p.base, "base_prompt")
@@ -106,6 +129,10 @@ def make_plan(
         k=k,
         eos=frozenset() if params.ignore_eos else frozenset(eos_token_ids),
         stop_ids=frozenset(params.stop_token_ids),
+        held_ids=frozenset(eos_token_ids) | frozenset(params.stop_token_ids)
+        if params.min_tokens > 0
+        else frozenset(),
+        silent_ids=frozenset(special_ids) if params.skip_special_tokens else frozenset(),
         stops=stops,
         incremental=incremental or bool(stops),
     )

@@ -6,9 +6,10 @@ of chat messages (`Settings.base_*_format`). Ids pass through untouched (no re-t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from app.errors import InvalidRequestError
-from app.generation import ChatMessage, DualPrompt
+from app.generation import ChatMessage, ChatTemplate, DualPrompt
 from app.pair import UpstreamPair
 from app.plan import check_ids
 from app.settings import Settings
@@ -60,6 +61,13 @@ def prompt_list(value: object, param: str) -> list[str | list[int]]:
         f"{param} must be a string, a list of token ids, a list of strings "
         "or a list of lists of token ids (not a mix)"
     )
+
+
+def _message(m: ChatMessage) -> dict[str, str]:
+    message = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        message["name"] = m.name
+    return message
 
 
 def render_base_chat(settings: Settings, messages: Sequence[ChatMessage]) -> str:
@@ -119,9 +127,11 @@ class PromptBuilder:
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt:
-        """Teacher: its own chat template (upstream /tokenize with messages). Base:
-        base_prompt, else base_messages or messages rendered with the plain template."""
+        """Teacher: its own chat template (upstream /tokenize with messages), with `template`'s
+        options. Base: base_prompt, else base_messages or messages rendered with the plain
+        template (which ignores `template` and message names)."""
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
 
@@ -136,9 +146,18 @@ class PromptBuilder:
                 raise InvalidRequestError("the base prompt is empty", param="base_prompt")
             return await self.pair.base.tokenize(text, add_special_tokens=True)
 
+        template = template or ChatTemplate()
+        options: dict[str, Any] = {}
+        # Only what differs from vLLM's defaults is sent: a default request's body is unchanged.
+        if template.continue_final_message:
+            options["continue_final_message"] = True
+        if template.kwargs:
+            options["chat_template_kwargs"] = dict(template.kwargs)
         teacher, base = await both(
             self.pair.teacher.tokenize_chat(
-                [{"role": m.role, "content": m.content} for m in messages]
+                [_message(m) for m in messages],
+                add_generation_prompt=template.add_generation_prompt,
+                template_options=options,
             ),
             base_ids(),
         )

@@ -26,10 +26,18 @@ from pydantic import BaseModel
 
 from app import protocol, streaming
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
-from app.generation import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.generation import (
+    ChatMessage,
+    ChatTemplate,
+    Completion,
+    DualPrompt,
+    Event,
+    GenerationParams,
+)
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
+from app.upstream import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,10 @@ class Backend(Protocol):
 
     async def ready(self) -> bool: ...
 
+    @property
+    def models(self) -> Mapping[str, ModelInfo]:
+        """The upstreams' model info by role ("base", "teacher")."""
+
     def check(self, params: GenerationParams, prompts: int) -> None:
         """The request-level checks (app/plan.py `check_request`); raises
         InvalidRequestError before any upstream call."""
@@ -66,6 +78,7 @@ class Backend(Protocol):
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt: ...
 
     def stream(
@@ -183,8 +196,11 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    settings = gateway(request).settings
-    return _json(protocol.ModelList(data=[protocol.ModelCard(id=settings.model_name)]))
+    state = gateway(request)
+    name = state.settings.model_name
+    limit = min(info.max_model_len for info in state.backend.models.values())
+    card = protocol.ModelCard(id=name, root=name, max_model_len=limit)
+    return _json(protocol.ModelList(data=[card]))
 
 
 @router.post("/v1/completions")
@@ -210,7 +226,7 @@ async def create_chat_completion(
     state.backend.check(params, 1)  # first, as for completions
     body.check()
     prompt = await state.backend.chat_prompt(
-        body.chat_messages(), body.base_chat_messages(), body.base_prompt
+        body.chat_messages(), body.base_chat_messages(), body.base_prompt, body.chat_template()
     )
     return await _respond(ChatRenderer, body, [prompt], params, request)
 

@@ -40,14 +40,16 @@ class TextRelease:
         self.released = 0  # characters of text already sent
         self.scanned = 0  # text before this offset holds no stop string
 
-    def find_stop(self, text: str) -> tuple[int, str] | None:
-        """The earliest stop string in the new part of `text`: (where the text ends, it)."""
+    def find_stop(self, text: str, floor: int = 0) -> tuple[int, str] | None:
+        """The earliest stop string in the new part of `text`: (where the text ends, it).
+        Only a stop string that ends after `floor` counts (vLLM's min_tokens: the text of the
+        first min_tokens tokens cannot complete one)."""
         if not self.stops:
             return None
         start = max(0, self.scanned - self._longest + 1)
         best: tuple[int, str] | None = None
         for stop in self.stops:
-            at = text.find(stop, start)
+            at = text.find(stop, max(start, floor - len(stop) + 1))
             if at >= 0 and (best is None or at < best[0]):
                 best = (at, stop)
         # A trailing U+FFFD may still become another character: scan it again next time.

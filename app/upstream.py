@@ -430,14 +430,18 @@ class UpstreamClient:
         *,
         add_generation_prompt: bool = True,
         affinity: int = 0,
+        template_options: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The model's own chat template applied by the upstream (vLLM's /tokenize chat form;
-        `add_special_tokens: false` because the template already holds them)."""
+        `add_special_tokens: false` because the template already holds them).
+        `template_options`: more fields of vLLM's TokenizeChatRequest (`continue_final_message`,
+        `chat_template_kwargs`), sent as given."""
         body = self._with_model(
             {
                 "messages": [dict(m) for m in messages],
                 "add_generation_prompt": add_generation_prompt,
                 "add_special_tokens": False,
+                **(template_options or {}),
             }
         )
         response = await self._request("POST", "/tokenize", json=body, affinity=affinity)

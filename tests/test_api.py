@@ -317,10 +317,14 @@ async def test_chat_stream_role_first_logprobs_and_usage(gateway: Gateway) -> No
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
         ("/v1/completions", {"prompt": "x", "n": 65}, "n"),
         ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, "echo"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
-        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
         ("/v1/completions", {"prompt": ["a", "b"], "base_prompt": ["c"]}, "base_prompt"),
         ("/v1/completions", {"prompt": [1, -2]}, "prompt"),
         ("/v1/completions", {"prompt": "x", "mixing": {"alpha": 2}}, "mixing.alpha"),
@@ -420,6 +424,10 @@ async def test_unknown_model_is_404(gateway: Gateway) -> None:
         models = (await g.client.get("/v1/models")).json()
         assert models["object"] == "list"
         assert [m["id"] for m in models["data"]] == ["dual-vllm"]
+        # vLLM's card fields: root, and the smaller context of the two upstreams.
+        [card] = models["data"]
+        assert card["root"] == "dual-vllm"
+        assert card["max_model_len"] == min(g.base.max_model_len, g.teacher.max_model_len)
 
 
 async def test_api_keys(gateway: Gateway) -> None:
@@ -556,6 +564,7 @@ class _Exploding:
     """A backend whose generation fails with a bug (not an app error)."""
 
     token_texts: Any = None
+    models: Any = None
 
     async def ready(self) -> bool:
         return False
@@ -567,7 +576,11 @@ class _Exploding:
         return [DualPrompt(teacher=[1], base=[1])]
 
     async def chat_prompt(
-        self, messages: Any, base_messages: Any = None, base_prompt: Any = None
+        self,
+        messages: Any,
+        base_messages: Any = None,
+        base_prompt: Any = None,
+        template: Any = None,
     ) -> DualPrompt:
         raise UpstreamUnavailableError("teacher is down", upstream="teacher")
 
@@ -632,3 +645,96 @@ async def test_token_texts_re_raise_the_typed_upstream_error() -> None:
     texts = TokenTextCache(_DownDetokenizer())
     with pytest.raises(UpstreamUnavailableError):
         await texts([1, 2, 3])
+
+
+async def test_max_tokens_above_the_context_is_a_400_naming_the_field(gateway: Gateway) -> None:
+    async with gateway() as g:
+        limit = min(g.base.max_model_len, g.teacher.max_model_len)
+        for path, body, param in (
+            ("/v1/completions", {"prompt": "x", "max_tokens": limit + 1}, "max_tokens"),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999},
+                "max_completion_tokens",
+            ),
+        ):
+            response = await g.client.post(path, json=body)
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["param"] == param
+            assert error["message"].startswith(f"{param}=")
+            assert f"cannot be greater than max_model_len={limit}." in error["message"]
+
+
+async def test_chat_template_options_reach_the_teachers_rendering_only(gateway: Gateway) -> None:
+    """chat_template_kwargs, add_generation_prompt, continue_final_message, reasoning_effort
+    and message names go to the teacher's /tokenize (vLLM's TokenizeChatRequest fields); the
+    base's plain rendering ignores them; a default request sends none of them."""
+    async with gateway() as g:
+        user = {"role": "user", "content": "hi", "name": "ann"}
+        base_body = {"messages": [user], "max_tokens": 1}
+        assert (await g.client.post("/v1/chat/completions", json=base_body)).status_code == 200
+        sent = g.teacher.chat_tokenize_bodies[-1]
+        assert "chat_template_kwargs" not in sent
+        assert "continue_final_message" not in sent
+        assert sent["messages"] == [user]
+        plain_base = g.base.requests[-1]["prompt"]
+
+        body = {**base_body, "chat_template_kwargs": {"enable_thinking": False}}
+        response = await g.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        assert g.teacher.chat_tokenize_bodies[-1]["chat_template_kwargs"] == {
+            "enable_thinking": False
+        }
+        assert response.json()["usage"]["prompt_tokens"] == len(
+            encode(apply_chat_template([user], add_generation_prompt=True, enable_thinking=False))
+        )
+        assert g.base.requests[-1]["prompt"] == plain_base  # the base ignores template options
+
+        body = {**base_body, "reasoning_effort": "none"}
+        assert (await g.client.post("/v1/chat/completions", json=body)).status_code == 200
+        assert g.teacher.chat_tokenize_bodies[-1]["chat_template_kwargs"] == {
+            "reasoning_effort": "none",
+            "enable_thinking": False,
+        }
+
+        partial = [user, {"role": "assistant", "content": "Hel"}]
+        body = {
+            "messages": partial,
+            "max_tokens": 1,
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        }
+        response = await g.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        expected = apply_chat_template(partial, False, continue_final_message=True)
+        assert expected.endswith("Hel")
+        assert response.json()["usage"]["prompt_tokens"] == len(encode(expected))
+
+        both = {**body, "add_generation_prompt": True}
+        response = await g.client.post("/v1/chat/completions", json=both)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "continue_final_message"
+        assert response.json()["error"]["message"] == (
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )
+
+
+async def test_echo_prepends_each_prompt_text_as_vllm_does(gateway: Gateway) -> None:
+    async with gateway() as g:
+        body = {"prompt": ["one ", "two "], "n": 2, "max_tokens": 3, "seed": 4}
+        plain = (await g.client.post("/v1/completions", json=body)).json()
+        echoed = (await g.client.post("/v1/completions", json={**body, "echo": True})).json()
+        for a, b in zip(plain["choices"], echoed["choices"], strict=True):
+            prompt = body["prompt"][a["index"] // 2]  # type: ignore[index]
+            assert b["text"] == prompt + a["text"]
+        assert echoed["usage"] == plain["usage"]
+        response = await g.client.post(
+            "/v1/completions", json={**body, "echo": True, "stream": True}
+        )
+        texts: dict[int, str] = {}
+        for event in sse_events(response.text):
+            if isinstance(event, dict):
+                for choice in event["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        assert texts == {c["index"]: c["text"] for c in echoed["choices"]}

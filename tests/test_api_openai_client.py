@@ -150,6 +150,62 @@ def test_sync_client_streams_completions_and_chat(live: Factory) -> None:
         assert streamed[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
+def test_client_fields_that_change_nothing_are_accepted(live: Factory) -> None:
+    """Fields the official client sends for OpenAI's own platform are accepted and ignored:
+    the same seed gives the same text with and without them; a typo inside `mixing` is
+    still a 400."""
+    with live() as g:
+        client = g.client()
+        ignored: Any = {
+            "user": "u-1",
+            "metadata": {"run": "7"},
+            "store": False,
+            "service_tier": "auto",
+            "prompt_cache_key": "cache-1",
+            "safety_identifier": "who",
+        }
+        plain = client.completions.create(model="dual-vllm", prompt="abc", max_tokens=5, seed=2)
+        sent = client.completions.create(
+            model="dual-vllm",
+            prompt="abc",
+            max_tokens=5,
+            seed=2,
+            best_of=1,
+            n=1,
+            user="u-1",
+            extra_body={**ignored, "top_logprobs": 2},
+        )
+        assert sent.choices[0].text == plain.choices[0].text
+        messages: Any = [{"role": "user", "content": "hi"}]
+        chat_plain = client.chat.completions.create(
+            model="dual-vllm", messages=messages, max_tokens=5, seed=2
+        )
+        chat_sent = client.chat.completions.create(
+            model="dual-vllm",
+            messages=messages,
+            max_completion_tokens=5,
+            seed=2,
+            n=None,
+            store=False,
+            metadata={"run": "7"},
+            service_tier="auto",
+            user="u-1",
+            parallel_tool_calls=False,
+            prompt_cache_key="cache-1",
+            safety_identifier="who",
+        )
+        assert chat_sent.choices[0].message.content == chat_plain.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="dual-vllm",
+                messages=messages,
+                store=False,
+                extra_body={"mixing": {"alpah": 0.5}},
+            )
+        assert info.value.status_code == 400
+        assert "alpah" in str(info.value.body)
+
+
 async def test_async_client_streaming_and_not(live: Factory) -> None:
     with live() as g:
         client = g.async_client()
@@ -183,7 +239,7 @@ def test_client_errors(live: Factory) -> None:
             client.completions.create(model="dual-vllm", prompt="x", temperature=3)
         assert bad.value.param == "temperature"
         with pytest.raises(openai.BadRequestError) as unsupported:
-            client.completions.create(model="dual-vllm", prompt="x", echo=True)
+            client.completions.create(model="dual-vllm", prompt="x", echo=True, logprobs=1)
         assert unsupported.value.param == "echo"
         with pytest.raises(openai.BadRequestError) as extension:
             client.completions.create(

@@ -204,7 +204,15 @@ async def test_ignore_eos_runs_to_max_tokens(
     assert result.finish_reason == "length"
     assert result.completion_tokens == 6
     assert result.token_ids[:3] == [*encode("ab"), EOS_ID]
-    assert result.text == decode(result.token_ids)
+    # skip_special_tokens (vLLM's default): the EOS generated under ignore_eos adds no text.
+    assert result.text == decode([i for i in result.token_ids if i != EOS_ID])
+    assert "<|im_end|>" not in result.text
+    async with coordinator() as coord:
+        params = GenerationParams(max_tokens=6, ignore_eos=True, skip_special_tokens=False)
+        for incremental in (False, True):
+            [kept] = await coord.generate([PROMPT], params, token_text=incremental)
+            assert kept.text == decode(kept.token_ids)
+            assert "<|im_end|>" in kept.text
 
 
 @pytest.mark.parametrize(("include", "expected"), [(False, "a"), (True, "ab")])
@@ -771,3 +779,48 @@ async def test_over_real_http_with_the_served_fakes() -> None:
     assert result.text == "real"
     assert result.finish_reason == "stop"
     assert teacher.completions_finished == 1 + len(result.token_ids)
+
+
+async def test_min_tokens_never_ends_early_and_a_banned_id_never_appears(
+    coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
+) -> None:
+    """docs/ALGORITHM.md §5a through the loop: EOS is near-certain after "ab" (the trust region
+    keeps it alone), min_tokens holds it back; a -100 bias on the scripted "b" bans it."""
+    script_both(base, teacher, "ab")
+    async with coordinator() as coord:
+        results = await coord.generate(
+            [PROMPT], GenerationParams(max_tokens=12, min_tokens=6, n=4, seed=1)
+        )
+        for result in results:
+            assert result.completion_tokens >= 6
+            assert EOS_ID not in result.token_ids[:6]
+        b = encode("b")[0]
+        banned = GenerationParams(
+            max_tokens=6, n=4, seed=2, mixing=MixConfig(logit_bias=((b, -100.0),))
+        )
+        for result in await coord.generate([PROMPT], banned):
+            assert b not in result.token_ids
+
+
+async def test_special_ids_come_from_tokenizer_info_and_eos(
+    coordinator: CoordinatorFactory,
+) -> None:
+    async with coordinator() as coord:
+        # The fake's added_tokens_decoder marks <|endoftext|>, <|im_start|>, <|im_end|> special.
+        assert coord.pair.special_ids == {0, 1, 2}
+        assert EOS_ID in coord.pair.special_ids
+
+
+async def test_min_tokens_holds_stop_strings_back_as_vllm_does(
+    coordinator: CoordinatorFactory, base: FakeVLLM, teacher: FakeVLLM
+) -> None:
+    """vLLM matches stop strings only once min_tokens tokens are out, and only those ending in
+    the text after them: "b" inside the first 3 tokens does not stop; the next "b" does."""
+    script_both(base, teacher, "abcabcabc")
+    async with coordinator() as coord:
+        [early] = await coord.generate([PROMPT], GenerationParams(max_tokens=9, stop=["b"]))
+        assert (early.text, early.stop_reason) == ("a", "b")
+        params = GenerationParams(max_tokens=9, stop=["b"], min_tokens=3)
+        [held] = await coord.generate([PROMPT], params)
+        assert (held.text, held.stop_reason) == ("abca", "b")
+        assert held.completion_tokens == 5

@@ -123,3 +123,10 @@ async def test_the_fake_tokenizer_decodes_like_the_fake_vllm(tmp_path: Path) -> 
         ids = encode(text)
         for end in range(len(ids) + 1):
             assert await decoder.decode(ids[:end]) == decode(ids[:end])
+
+
+def test_local_decoder_knows_the_special_ids(tmp_path: Path) -> None:
+    decoder = LocalDecoder(write_fake_tokenizer(tmp_path / "fake"))
+    assert decoder.special_ids() == {
+        encode(t)[0] for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    }

@@ -152,11 +152,12 @@ def test_speculative_says_it_is_not_available_yet() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"echo": True}, "echo"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": True, "prompt": [1, 2]}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": ["a", "b"], "base_prompt": "c"}, "base_prompt"),
     ],
@@ -177,6 +178,35 @@ def test_neutral_values_of_unsupported_fields_pass() -> None:
         prompt=[[1, 2], [3]],
         base_prompt=["a", "b"],
     ).check()
+
+
+IGNORED = {
+    "user": "u-1",
+    "metadata": {"run": "7"},
+    "store": False,
+    "service_tier": "auto",
+    "prompt_cache_key": "k",
+    "safety_identifier": "s",
+    "n": None,
+}
+
+
+def test_ignored_fields_are_accepted_and_change_nothing() -> None:
+    s = settings()
+    plain_c, plain_chat = completion(), chat(max_tokens=5)
+    c = completion(**IGNORED, top_logprobs=3, best_of=1)
+    c.check()
+    assert c.n == 1
+    assert c.generation_params(s) == plain_c.generation_params(s)
+    ch = chat(**IGNORED, max_tokens=5, parallel_tool_calls=False)
+    ch.check()
+    assert ch.generation_params(s) == plain_chat.generation_params(s)
+
+
+@pytest.mark.parametrize("body", [{"metadat": {}}, {"mixing": {"alpah": 0.5}}, {"n": 0}])
+def test_typos_and_bad_values_next_to_ignored_fields_still_fail(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        completion(**{**IGNORED, **body})
 
 
 @pytest.mark.parametrize(
@@ -227,3 +257,27 @@ def test_prompt_shape_errors_are_prompt_lists_messages(prompt: object) -> None:
     errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
     assert validation_message(errors) == (f"invalid `prompt`: {direct.value.message}", "prompt")
     assert direct.value.param == "prompt"
+
+
+def test_vllm_sampling_parameters_reach_the_mix_config() -> None:
+    s = settings()
+    params = completion(
+        min_p=0.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        logit_bias={"7": 250, "3": -1.5},
+        min_tokens=4,
+    ).generation_params(s)
+    assert params.min_tokens == 4
+    mixing = params.mixing
+    assert (mixing.min_p, mixing.presence_penalty, mixing.frequency_penalty) == (0.1, 0.5, -0.5)
+    assert mixing.repetition_penalty == 1.2
+    assert mixing.logit_bias == ((3, -1.5), (7, 100.0))  # clamped to [-100, 100] as in vLLM
+
+
+def test_skip_special_tokens_defaults_to_true_and_spaces_between_is_accepted() -> None:
+    s = settings()
+    assert completion().generation_params(s).skip_special_tokens is True
+    params = chat(skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert params.generation_params(s).skip_special_tokens is False

@@ -11,6 +11,7 @@ max_n, ...) are app/plan.py's, run by the route before any prompt is tokenized.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -94,28 +95,46 @@ class StreamOptions(OpenAIBaseModel):
 
 class _SamplingRequest(OpenAIBaseModel):
     model: str | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # null = 1 (the official client's and vLLM's default)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: StrictBool = False
     ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    # Only changes how a slow (Python) tokenizer joins special tokens it does not skip; the
+    # gateway's decoding is the teacher's fast tokenizer's. Accepted, ignored.
+    spaces_between_special_tokens: StrictBool = True
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's convention: 0 or -1 = off
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored (README.md "Request fields"): bookkeeping for OpenAI's own platform
+    # (stored completions, tiers, caching and abuse keys) that changes nothing a gateway in
+    # front of two vLLM servers generates.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     return_tokens_as_token_ids: StrictBool | None = None
     return_token_ids: StrictBool | None = None
     mixing: MixingOptions | None = None
-    # OpenAI fields accepted only at their neutral value (check() rejects anything else).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    # vLLM's sampling parameters, applied to the mixture q (docs/ALGORITHM.md §5a); vLLM's
+    # ranges (its SamplingParams checks).
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    min_tokens: int | None = None
-    min_p: float | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null(cls, value: object) -> object:
+        return 1 if value is None else value
 
     @field_validator("stop")
     @classmethod
@@ -134,24 +153,32 @@ class _SamplingRequest(OpenAIBaseModel):
             raise InvalidRequestError(
                 "stream_options can only be set when stream is true", param="stream_options"
             )
-        neutral: dict[str, Any] = {
-            "frequency_penalty": (0.0,),
-            "presence_penalty": (0.0,),
-            "repetition_penalty": (1.0,),
-            "min_tokens": (0,),
-            "min_p": (0.0,),
-        }
-        for name, allowed in neutral.items():
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise InvalidRequestError(
-                    f"`{name}` is not supported by this gateway (only {allowed[0]} is accepted)",
-                    param=name,
-                )
-        if self.logit_bias:
+        self.logit_bias_items()  # its keys must be token ids
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (id, bias) pairs, biases clamped to [-100, 100] (vLLM's rule), keys
+        that are not token ids refused with vLLM's message."""
+        if not self.logit_bias:
+            return ()
+        items: dict[int, float] = {}
+        invalid: list[str] = []
+        for key, bias in self.logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                invalid.append(key)
+                continue
+            if token_id < 0 or not math.isfinite(bias):
+                invalid.append(key)
+                continue
+            items[token_id] = min(100.0, max(-100.0, bias))
+        if invalid:
             raise InvalidRequestError(
-                "`logit_bias` is not supported by this gateway", param="logit_bias"
+                "logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                f"{invalid!r}",
+                param="logit_bias",
             )
+        return tuple(sorted(items.items()))
 
     @property
     def stop_list(self) -> list[str]:
@@ -178,20 +205,32 @@ class _SamplingRequest(OpenAIBaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None or self.top_k < 0 else self.top_k,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias_items(),
         )
 
     def _params(
-        self, settings: Settings, max_tokens: int | None, logprobs: int | None
+        self,
+        settings: Settings,
+        max_tokens: int | None,
+        logprobs: int | None,
+        max_tokens_param: str = "max_tokens",
     ) -> generation.GenerationParams:
         seed = None if self.seed is None else self.seed % 2**64  # numpy wants seed >= 0
         return generation.GenerationParams(
             max_tokens=max_tokens,
+            max_tokens_param=max_tokens_param,
             n=self.n,
             seed=seed,
             stop=tuple(self.stop_list),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens or 0,
+            skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             top_k_upstream=self.mixing.top_k if self.mixing else None,
             mixing=self.mix_config(settings),
@@ -226,6 +265,9 @@ class CompletionRequest(_SamplingRequest):
     echo: StrictBool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    # Chat's field sent to /v1/completions by clients that share one request builder; vLLM
+    # ignores it there too (completions' top-N is `logprobs`).
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt", "base_prompt", mode="before")
     @classmethod
@@ -244,14 +286,29 @@ class CompletionRequest(_SamplingRequest):
                 f"{count}; a list must match prompt's length",
                 param="base_prompt",
             )
-        if self.echo:
-            raise InvalidRequestError("`echo` is not supported by this gateway", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "`echo` with `logprobs` is not supported by this gateway: the prompt tokens' "
+                "logprobs of the mixture are not computed",
+                param="echo",
+            )
+        if self.echo and not all(isinstance(p, str) for p in prompt_list(self.prompt, "prompt")):
+            raise InvalidRequestError(
+                "`echo` needs text prompts here (a token-id prompt's text is not decoded)",
+                param="echo",
+            )
         if self.suffix:
             raise InvalidRequestError("`suffix` is not supported by this gateway", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError(
                 "`best_of` is not supported by this gateway (only best_of == n)", param="best_of"
             )
+
+    def echo_texts(self) -> tuple[str, ...]:
+        """`echo`: each prompt's text (check() allows echo with text prompts only)."""
+        if not self.echo:
+            return ()
+        return tuple(p if isinstance(p, str) else "" for p in prompt_list(self.prompt, "prompt"))
 
     def generation_params(self, settings: Settings) -> generation.GenerationParams:
         max_tokens = 16 if self.max_tokens is None else self.max_tokens  # vLLM: null -> 16
@@ -279,7 +336,7 @@ class ChatCompletionMessageParam(OpenAIBaseModel):
             else "".join(part.text for part in self.content)
         )
         role = "system" if self.role == "developer" else self.role
-        return generation.ChatMessage(role=role, content=content)
+        return generation.ChatMessage(role=role, content=content, name=self.name)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -300,6 +357,14 @@ class ChatCompletionRequest(_SamplingRequest):
     function_call: Any = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
+    # The teacher's chat template (vLLM's fields, passed to its /tokenize); the base's plain
+    # rendering ignores them.
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
 
     @field_validator("base_prompt", mode="before")
     @classmethod
@@ -332,6 +397,16 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise InvalidRequestError(
                     f"`{name}` (tool calling) is not supported by this gateway", param=name
                 )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequestError(  # vLLM's check and wording
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                param="continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise InvalidRequestError(
+                "continue_final_message needs the last message to be the assistant's",
+                param="continue_final_message",
+            )
         if self.response_format and self.response_format.get("type") != "text":
             raise InvalidRequestError(
                 'only response_format {"type": "text"} is supported', param="response_format"
@@ -340,7 +415,22 @@ class ChatCompletionRequest(_SamplingRequest):
     def generation_params(self, settings: Settings) -> generation.GenerationParams:
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to the context
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._params(settings, max_tokens, logprobs)
+        param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        return self._params(settings, max_tokens, logprobs, param)
+
+    def chat_template(self) -> generation.ChatTemplate:
+        """The teacher's template options, as vLLM builds them: `reasoning_effort` goes to the
+        template as a variable and, unless `chat_template_kwargs` sets `enable_thinking`, sets
+        it (false for "none"); a template that does not use a variable ignores it."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return generation.ChatTemplate(
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            kwargs=kwargs,
+        )
 
     def chat_messages(self) -> list[generation.ChatMessage]:
         return [m.to_message() for m in self.messages]

@@ -148,6 +148,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "dual-vllm"
+    # vLLM's card fields: `root` is the served model's name, `max_model_len` the context the
+    # gateway can serve (the smaller of the two upstreams').
+    root: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

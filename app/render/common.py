@@ -119,6 +119,7 @@ class RenderOptions:
     diagnostics: bool
     include_usage: bool
     return_token_ids: bool
+    echo: tuple[str, ...] = ()  # completions' `echo`: each prompt's text, by prompt index
 
     @classmethod
     def of(
@@ -135,6 +136,7 @@ class RenderOptions:
             diagnostics=body.diagnostics(settings),
             include_usage=body.include_usage,
             return_token_ids=bool(body.return_token_ids),
+            echo=body.echo_texts() if isinstance(body, CompletionRequest) else (),
         )
 
 
@@ -145,6 +147,7 @@ class ChoiceState:
     steps: list[StepResult] = field(default_factory=list)  # kept only with diagnostics
     offset: int = 0  # completions: text_offset of the next token
     role_sent: bool = False  # chat: the assistant role went out in a chunk
+    echoed: bool = False  # completions: the prompt text (echo) went out in a chunk
 
 
 class Renderer(ABC):

@@ -91,6 +91,11 @@ class CompletionRenderer(Renderer):
         result = completion_logprobs(token_ids, logprobs, top, offsets[:-1], self.names(texts), n)
         return result, offsets[-1]
 
+    def _echo(self, index: int) -> str:
+        """`echo`: the prompt's text, written before the choice's text (vLLM's)."""
+        echo = self.options.echo
+        return echo[index // self.options.n] if echo else ""
+
     def body(self, completions: Sequence[Completion], texts: Texts | None) -> CompletionResponse:
         choices = []
         for c in completions:
@@ -100,7 +105,7 @@ class CompletionRenderer(Renderer):
             choices.append(
                 CompletionResponseChoice(
                     index=c.index,
-                    text=c.text,
+                    text=self._echo(c.index) + c.text,
                     logprobs=logprobs,
                     finish_reason=c.finish_reason,
                     **self.completion_extras(c),
@@ -120,7 +125,11 @@ class CompletionRenderer(Renderer):
             [event.token_id], [event.step.logprob], [event.top_logprobs], texts, state.offset
         )
         extra = self.token_extras(event)
-        return self._chunk(event.index, event.text, logprobs, None, extra)
+        text = event.text
+        if not state.echoed:
+            state.echoed = True
+            text = self._echo(event.index) + text
+        return self._chunk(event.index, text, logprobs, None, extra)
 
     def finish_chunk(self, event: FinishEvent) -> CompletionStreamResponse:
         extra = self.finish_extras(event)

@@ -13,6 +13,7 @@ not at import: call `warm_up()` at start-up so the first request does not pay fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.sampling.draw import sample
+from app.sampling.shaping import MAX_BIAS, History, active, shape
 from app.sampling.topk import POSITIVE_TOLERANCE
 from app.sampling.types import REASONS, MixConfig, Mixture, SamplingError, StepResult, TopK
 
@@ -82,6 +84,17 @@ def validate_config(config: MixConfig) -> None:
         raise SamplingError("top_p must be in (0, 1]")
     if isinstance(config.top_k, bool) or not isinstance(config.top_k, int) or config.top_k < -1:
         raise SamplingError("top_k must be -1, 0 (off) or a positive integer")
+    if not 0.0 <= config.min_p <= 1.0:
+        raise SamplingError("min_p must be in [0, 1]")
+    if not -2.0 <= config.presence_penalty <= 2.0:
+        raise SamplingError("presence_penalty must be in [-2, 2]")
+    if not -2.0 <= config.frequency_penalty <= 2.0:
+        raise SamplingError("frequency_penalty must be in [-2, 2]")
+    if not 0.0 < config.repetition_penalty < math.inf:
+        raise SamplingError("repetition_penalty must be a finite number greater than zero")
+    for token_id, bias in config.logit_bias:
+        if token_id < 0 or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise SamplingError("logit_bias: ids must be >= 0 and biases in [-100, 100]")
 
 
 def mix(
@@ -91,8 +104,13 @@ def mix(
     *,
     first_token: bool,
     alpha_hint: float | None = None,
+    history: History | None = None,
 ) -> Mixture:
     """q and the §6 diagnostics for one step, without drawing (see `Mixture`).
+
+    `history` (the sequence's prompt and generated ids, the ids min_tokens holds back) is
+    what §5a's penalties and min_tokens read; without it, or when the request sets none of
+    §5a's transforms, the kernel's q is returned as it is.
 
     Definitions of the reported values:
     - `js`, `overlap_count`, `overlap_mass`: §3, on the tempered p_b, p_t over all of S.
@@ -110,6 +128,15 @@ def mix(
       that T = 1 distribution (what OpenAI-style logprobs report for greedy decoding).
     """
     validate_config(config)
+    if active(config, history):
+        return _shaped(base, teacher, config, first_token, alpha_hint, history or History())
+    return _kernel_mix(base, teacher, config, first_token, alpha_hint)
+
+
+def _kernel_mix(
+    base: TopK, teacher: TopK, config: MixConfig, first_token: bool, alpha_hint: float | None
+) -> Mixture:
+    """§1–5 and the request's top_k / top_p in the compiled kernel."""
     b_ids, b_logprobs = _checked(base, "base")
     t_ids, t_logprobs = _checked(teacher, "teacher")
     # Both models travel as one array (base first): contiguous int64/float64 whatever the
@@ -157,6 +184,29 @@ def mix(
     )
 
 
+def _shaped(
+    base: TopK,
+    teacher: TopK,
+    config: MixConfig,
+    first_token: bool,
+    alpha_hint: float | None,
+    history: History,
+) -> Mixture:
+    """§1–5 with the request's top_k / top_p held back, then §5a (which applies them after the
+    penalties, vLLM's order). When min_tokens or a -100 bias removes every id the trust region
+    kept (the teacher's nucleus is only EOS, say), the step is recomputed on all of S, without
+    the trust region: those ids get q = 0 and the rest keep their §5 proportions."""
+    plain = dataclasses.replace(config, top_k=0, top_p=1.0)
+    mixture = _kernel_mix(base, teacher, plain, first_token, alpha_hint)
+    try:
+        return shape(mixture, config, history)
+    except SamplingError:
+        if config.trust_region_top_p is None:
+            raise
+    wide = dataclasses.replace(plain, trust_region_top_p=None)
+    return shape(_kernel_mix(base, teacher, wide, first_token, alpha_hint), config, history)
+
+
 def mix_step(
     base: TopK,
     teacher: TopK,
@@ -165,6 +215,7 @@ def mix_step(
     first_token: bool,
     rng: np.random.Generator,
     alpha_hint: float | None = None,
+    history: History | None = None,
 ) -> StepResult:
     """The full step: `mix` (§1–5) then the draw from q with `rng` (§5, §7).
 
@@ -172,7 +223,10 @@ def mix_step(
     The reported `logprob` is log q(token) of the distribution actually sampled from: after
     the trust region and the request's top_p/top_k (for T = 0 see `mix`).
     """
-    return sample(mix(base, teacher, config, first_token=first_token, alpha_hint=alpha_hint), rng)
+    mixture = mix(
+        base, teacher, config, first_token=first_token, alpha_hint=alpha_hint, history=history
+    )
+    return sample(mixture, rng)
 
 
 def _checked(topk: TopK, name: str) -> tuple[IntArray, FloatArray]:

@@ -57,6 +57,13 @@ class MixConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off (vLLM's convention)
+    # vLLM's sampling parameters, applied to q as docs/ALGORITHM.md §5a says
+    # (app/sampling/shaping.py); min_tokens lives in the step's History.
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), bias in [-100, 100]
 
 
 class StepResult(NamedTuple):

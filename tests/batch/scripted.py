@@ -16,6 +16,7 @@ from app.batch.cli import add_arguments, job_from_args
 from app.batch.job import Job
 from app.coordinator import (
     ChatMessage,
+    ChatTemplate,
     Completion,
     Coordinator,
     DualPrompt,
@@ -106,6 +107,7 @@ class ScriptedCoordinator(Coordinator):
         messages: Sequence[ChatMessage],
         base_messages: Sequence[ChatMessage] | None = None,
         base_prompt: str | list[int] | None = None,
+        template: ChatTemplate | None = None,
     ) -> DualPrompt:
         self.calls["chat_prompt"] += 1
         teacher = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"

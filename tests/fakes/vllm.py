@@ -94,11 +94,27 @@ def decode(ids: Sequence[int]) -> str:
     return "".join(out)
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
-    """ChatML, as SmolLM2-Instruct's template renders it (without the default system turn)."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+def apply_chat_template(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool,
+    *,
+    continue_final_message: bool = False,
+    enable_thinking: bool = True,
+) -> str:
+    """ChatML, as SmolLM2-Instruct's template renders it (without the default system turn);
+    a message `name` as `role name`; `enable_thinking: false` adds Qwen3's empty think block
+    after the generation prompt; `continue_final_message` leaves the last turn open."""
+    text = "".join(
+        f"<|im_start|>{m['role']}{' ' + m['name'] if m.get('name') else ''}\n{m['content']}"
+        "<|im_end|>\n"
+        for m in messages
+    )
+    if continue_final_message:
+        text = text.removesuffix("<|im_end|>\n")
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
+        if not enable_thinking:
+            text += "<think>\n\n</think>\n\n"
     return text
 
 
@@ -262,6 +278,7 @@ class FakeVLLM:
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.chat_tokenize_bodies: deque[dict[str, Any]] = deque(maxlen=100)
         self.app: ASGIApp = Starlette(
             routes=[
                 Route("/health", self._health, methods=["GET"]),
@@ -331,7 +348,19 @@ class FakeVLLM:
         self.calls["/tokenize"] += 1
         body = await request.json()
         if "messages" in body:
-            text = apply_chat_template(body["messages"], body.get("add_generation_prompt", True))
+            self.chat_tokenize_bodies.append(body)
+            if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+                return _error(
+                    400,
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                )
+            kwargs = body.get("chat_template_kwargs") or {}
+            text = apply_chat_template(
+                body["messages"],
+                body.get("add_generation_prompt", True),
+                continue_final_message=bool(body.get("continue_final_message")),
+                enable_thinking=kwargs.get("enable_thinking", True),
+            )
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:
