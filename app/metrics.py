@@ -49,6 +49,8 @@ UPSTREAMS: Final = ("base", "teacher")
 # (connect error / 503) -> 503, bad_response (other 5xx, malformed body) -> 502, rejected (4xx).
 ERROR_KINDS: Final = ("timeout", "unavailable", "bad_response", "rejected", "other")
 OTHER: Final = "other"
+# Why an upstream call was retried (app/upstream.py `_retry_reason`).
+RETRY_REASONS: Final = ("connect", "unavailable", "timeout", "reset", "server_error", "other")
 
 # The coordinator may report the exception class name instead of the kind; both are accepted.
 _ERROR_CLASS_KINDS: Final = {
@@ -242,6 +244,18 @@ class Metrics:
             ["upstream", "kind"],
             registry=reg,
         )
+        self._upstream_retries = Counter(
+            _name("upstream_retries"),
+            "Upstream calls retried (probes and other idempotent calls) by upstream and reason.",
+            ["upstream", "reason"],
+            registry=reg,
+        )
+        self._replica_ejections = Counter(
+            _name("upstream_replica_ejections"),
+            "Replicas ejected from an upstream's pool after a failure.",
+            ["upstream"],
+            registry=reg,
+        )
 
         # --- the mixing (docs/ALGORITHM.md §6) ------------------------------------------------
         self._tokens = Counter(
@@ -312,8 +326,11 @@ class Metrics:
                 self._requests.labels(endpoint, outcome)
         for upstream in (*UPSTREAMS, OTHER):
             self._upstream_seconds.labels(upstream)
+            self._replica_ejections.labels(upstream)
             for kind in ERROR_KINDS:
                 self._upstream_errors.labels(upstream, kind)
+            for reason in RETRY_REASONS:
+                self._upstream_retries.labels(upstream, reason)
         for reason in REASONS:
             self._steps.labels(reason)
 
@@ -326,6 +343,16 @@ class Metrics:
         self._upstream_seconds.labels(label).observe(max(seconds, 0.0))
         if error is not None:
             self._upstream_errors.labels(label, _error_kind(error)).inc()
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        """A failed upstream call is being retried (`reason`: one of RETRY_REASONS)."""
+        self._upstream_retries.labels(
+            _closed(upstream, UPSTREAMS, "upstream"), _closed(reason, RETRY_REASONS, "reason")
+        ).inc()
+
+    def replica_ejected(self, upstream: str) -> None:
+        """A replica of `upstream` left its pool (it comes back when /health answers)."""
+        self._replica_ejections.labels(_closed(upstream, UPSTREAMS, "upstream")).inc()
 
     def step(self, result: StepResult, seconds: float) -> None:
         """One generated token."""

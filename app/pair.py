@@ -31,7 +31,7 @@ from app.sampling import topk_from_mapping
 from app.sampling.types import SamplingError, TopK
 from app.settings import Settings
 from app.tasks import both, task_group
-from app.upstream import ModelInfo, StartupError, UpstreamClient
+from app.upstream import ModelInfo, StartupError, UpstreamClient, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,9 @@ class UpstreamPair:
             hint = ""
             if isinstance(exc, UpstreamUnavailableError):
                 hint = f"; is vLLM running there? (DUAL_VLLM_{client.name.upper()}_URL)"
+            urls = ", ".join(map(redact_url, client.urls))
             raise StartupError(
-                f"{client.name} upstream ({', '.join(client.urls)}) failed the start-up "
-                f"checks: {exc.message}{hint}"
+                f"{client.name} upstream ({urls}) failed the start-up checks: {exc.message}{hint}"
             ) from exc
         log.info(
             "upstreams ready: base %s (max_model_len %d), teacher %s (max_model_len %d), "
@@ -218,7 +218,7 @@ class UpstreamPair:
                 )
 
     async def ready(self) -> bool:
-        """Both upstreams answer (for GET /ready)."""
+        """Each upstream has at least one replica answering /health (for GET /ready)."""
         base_ok, teacher_ok = await both(self.base.health(), self.teacher.health())
         return base_ok and teacher_ok
 

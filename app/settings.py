@@ -59,7 +59,16 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(60.0, gt=0)
     upstream_max_connections: int = Field(256, ge=1)
-    upstream_retries: int = Field(2, ge=0, le=10, description="for idempotent calls only")
+    upstream_retries: int = Field(
+        2, ge=0, le=10, description="retries per upstream call (5xx, resets, timeouts)"
+    )
+    upstream_retry_deadline: float = Field(
+        30.0, gt=0, description="no retry starts later than this after the call began (s)"
+    )
+    replica_eject_seconds: float = Field(
+        1.0, gt=0, description="first ejection of a failing replica (doubles per failure)"
+    )
+    replica_eject_max_seconds: float = Field(30.0, gt=0, description="longest ejection")
     upstream_batch_probes: bool = Field(
         True, description="coalesce concurrent probes to one replica into one request"
     )
