@@ -28,6 +28,10 @@ INTERNAL = ErrorKind(500, "internal_error", None)
 UPSTREAM_BAD_RESPONSE = ErrorKind(502, "upstream_error", "bad_gateway")
 UPSTREAM_UNAVAILABLE = ErrorKind(503, "upstream_error", "upstream_unavailable")
 UPSTREAM_TIMEOUT = ErrorKind(504, "upstream_error", "upstream_timeout")
+# The gateway itself is not serving (app/lifecycle.py): still waiting for its upstreams at
+# start-up, or shutting down.
+GATEWAY_STARTING = ErrorKind(503, "service_unavailable_error", "gateway_starting")
+GATEWAY_DRAINING = ErrorKind(503, "service_unavailable_error", "gateway_draining")
 
 
 class DualVLLMError(Exception):

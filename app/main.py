@@ -40,6 +40,7 @@ from app.errors import (
     error_body,
     error_body_for,
 )
+from app.lifecycle import Lifecycle
 from app.routes import ENDPOINTS, OUTCOME_KEY, Backend, Gateway, HTTPObserver, router
 from app.settings import Settings
 from app.version import version
@@ -53,11 +54,15 @@ def create_app(
     coordinator: Backend | None = None,
     metrics: HTTPObserver | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> FastAPI:
     """The gateway app. Without `settings` they are read from the environment now; without
     `coordinator` / `metrics` the lifespan builds (and closes) them. `transport` replaces the
-    network under the coordinator it builds (in-process tests: tests.fakes.pair_transport)."""
+    network under the coordinator it builds (in-process tests: tests.fakes.pair_transport).
+    `lifecycle` (app/lifecycle.py) is how `dual-vllm serve` starts and drains the app; without
+    it the app serves as soon as its lifespan has started."""
     settings = Settings() if settings is None else settings
+    life = Lifecycle() if lifecycle is None else lifecycle
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +83,9 @@ def create_app(
                 backend: Backend = await stack.enter_async_context(built)
             else:
                 backend = coordinator
-            app.state.gateway = Gateway(settings=settings, backend=backend, metrics=observer)
+            app.state.gateway = Gateway(
+                settings=settings, backend=backend, metrics=observer, lifecycle=life
+            )
             yield
 
     app = FastAPI(
@@ -98,7 +105,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
-    app.add_middleware(AdmissionMiddleware, settings=settings)
+    app.add_middleware(AdmissionMiddleware, settings=settings, lifecycle=life)
     return app
 
 
@@ -192,11 +199,15 @@ def _outcome(status: int) -> str:
 class AdmissionMiddleware:
     """API keys, the concurrency limit and the request metrics (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Settings, lifecycle: Lifecycle) -> None:
         self.app = app
         self.keys = [key.encode() for key in settings.api_keys]
         self.limit = settings.max_concurrent_requests
-        self.in_flight = 0
+        self.lifecycle = lifecycle
+
+    @property
+    def in_flight(self) -> int:
+        return self.lifecycle.in_flight
 
     def _authorized(self, scope: Scope) -> bool:
         header = b""
@@ -240,12 +251,19 @@ class AdmissionMiddleware:
             return
         if metrics is not None:
             metrics.request_started(endpoint)
+        refusal = self.lifecycle.refusal()
+        if refusal is not None:
+            finished("unavailable")
+            response = _error(*refusal)
+            response.headers["Retry-After"] = "5"
+            await response(scope, receive, send)
+            return
         if self.in_flight >= self.limit:
             finished("rate_limited")
             message = f"too many concurrent requests (the limit is {self.limit}); retry later"
             await _error(message, RATE_LIMIT)(scope, receive, send)
             return
-        self.in_flight += 1
+        self.lifecycle.enter()
         status = 500
         state: dict[str, Any] = scope.setdefault("state", {})
 
@@ -263,5 +281,5 @@ class AdmissionMiddleware:
             outcome = "cancelled" if not isinstance(exc, Exception) else "internal_error"
             raise
         finally:
-            self.in_flight -= 1
+            self.lifecycle.leave()
             finished(outcome)

@@ -43,6 +43,7 @@ OUTCOMES: Final = (
     "internal_error",
     "cancelled",
     "rate_limited",
+    "unavailable",  # refused while the gateway was starting or draining (app/lifecycle.py)
 )
 UPSTREAMS: Final = ("base", "teacher")
 # Upstream error kinds follow the error table (app/errors.py): timeout -> 504, unavailable

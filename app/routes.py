@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Request
@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from app import protocol, streaming
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
 from app.generation import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.lifecycle import Lifecycle, until_cut
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
@@ -98,6 +99,7 @@ class Gateway:
     settings: Settings
     backend: Backend
     metrics: HTTPObserver
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def token_texts(self) -> TokenTexts:
@@ -168,7 +170,14 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    if await gateway(request).backend.ready():
+    """200 while serving with a healthy replica of each model; 503 while starting, draining,
+    or when a model has no replica answering."""
+    state = gateway(request)
+    refusal = state.lifecycle.refusal()
+    if refusal is not None:
+        message, kind = refusal
+        return JSONResponse(error_body(message, kind), status_code=503)
+    if await state.backend.ready():
         return JSONResponse({"status": "ready"})
     return JSONResponse(
         error_body("an upstream does not answer", UPSTREAM_UNAVAILABLE), status_code=503
@@ -255,8 +264,12 @@ async def _stream(
         await frames.aclose()
         return Response(status_code=499)
     return StreamingResponse(
-        streaming.with_keepalive(
-            streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
+        until_cut(
+            streaming.with_keepalive(
+                streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
+            ),
+            state.lifecycle.cut,
+            functools.partial(set_outcome, request),
         ),
         media_type="text/event-stream",
         headers=streaming.SSE_HEADERS,

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(64, ge=1, description="largest n (x prompts) one request may ask for")
     stream_keepalive_seconds: float = Field(15.0, gt=0)
+    shutdown_grace: float = Field(
+        100.0,
+        ge=0,
+        description="seconds in-flight requests may take to finish after SIGTERM (the k8s "
+        "manifests' terminationGracePeriodSeconds is 120)",
+    )
+    startup_timeout: float | None = Field(
+        None,
+        ge=0,
+        description="seconds to wait for the upstreams to answer at start; None = forever",
+    )
 
     # --- upstream HTTP ---------------------------------------------------------------------
     upstream_connect_timeout: float = Field(5.0, gt=0)

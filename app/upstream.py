@@ -69,9 +69,15 @@ _RETRY_MAX_SECONDS = 2.0
 class StartupError(RuntimeError):
     """The gateway must not serve: the message names the upstream and the fix.
 
-    Not an HTTP error (no entry in app/errors.py's table): it stops `dual-vllm serve` before
-    it listens, and the batch job before it reads its dataset.
+    Not an HTTP error (no entry in app/errors.py's table): it stops `dual-vllm serve` (which
+    answers /health and a 503 /ready while it waits) and the batch job before it reads its
+    dataset. `waiting` is True when the upstream did not answer (worth retrying until
+    DUAL_VLLM_STARTUP_TIMEOUT), False when it answered wrongly (a configuration to fix).
     """
+
+    def __init__(self, message: str, *, waiting: bool = False) -> None:
+        super().__init__(message)
+        self.waiting = waiting
 
 
 class CallObserver(Protocol):

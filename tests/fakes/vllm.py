@@ -622,12 +622,13 @@ def serve(
     host: str = "127.0.0.1",
     timeout: float = 10.0,
     lifespan: Literal["on", "off"] = "off",
+    port: int = 0,
 ) -> Iterator[str]:
-    """Serve `app` with a real uvicorn on a free port in a background thread; yields its URL.
-    `lifespan="on"` for the gateway (its clients are built in the lifespan)."""
+    """Serve `app` with a real uvicorn on a free port (or `port`) in a background thread;
+    yields its URL. `lifespan="on"` for the gateway (its clients are built in the lifespan)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
