@@ -24,7 +24,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +34,7 @@ from app.errors import (
     AUTHENTICATION,
     INTERNAL,
     INVALID_REQUEST,
+    PAYLOAD_TOO_LARGE,
     RATE_LIMIT,
     DualVLLMError,
     ErrorKind,
@@ -168,6 +169,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = ErrorKind(exc.status_code, "invalid_request_error", None)
+    if exc.status_code == PAYLOAD_TOO_LARGE.status:
+        kind = PAYLOAD_TOO_LARGE
     response = _error(str(exc.detail), kind)
     if exc.headers:
         response.headers.update(exc.headers)
@@ -196,6 +199,24 @@ def _outcome(status: int) -> str:
     return "internal_error"
 
 
+class _BodyTooLarge(HTTPException):
+    """The request body passed Settings.max_body_bytes while it was being read (an
+    HTTPException so FastAPI's body reader lets it through instead of making it a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
 class AdmissionMiddleware:
     """API keys, the concurrency limit and the request metrics (see the module docstring)."""
 
@@ -203,11 +224,18 @@ class AdmissionMiddleware:
         self.app = app
         self.keys = [key.encode() for key in settings.api_keys]
         self.limit = settings.max_concurrent_requests
+        self.max_body = settings.max_body_bytes
         self.lifecycle = lifecycle
 
     @property
     def in_flight(self) -> int:
         return self.lifecycle.in_flight
+
+    def _too_large(self) -> JSONResponse:
+        return _error(
+            f"the request body is larger than the limit of {self.max_body} bytes",
+            PAYLOAD_TOO_LARGE,
+        )
 
     def _authorized(self, scope: Scope) -> bool:
         header = b""
@@ -263,20 +291,41 @@ class AdmissionMiddleware:
             message = f"too many concurrent requests (the limit is {self.limit}); retry later"
             await _error(message, RATE_LIMIT)(scope, receive, send)
             return
+        if _content_length(scope) > self.max_body:
+            finished("client_error")
+            await self._too_large()(scope, receive, send)
+            return
         self.lifecycle.enter()
         status = 500
+        started_response = False
         state: dict[str, Any] = scope.setdefault("state", {})
+        received = 0
+
+        async def receive_bounded() -> Message:
+            # A body without Content-Length (chunked) is counted as it arrives.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge(self.max_body)
+            return message
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started_response = True
             await send(message)
 
         outcome = "internal_error"
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_bounded, send_status)
             outcome = state.get(OUTCOME_KEY) or _outcome(status)
+        except _BodyTooLarge:
+            outcome = "client_error"
+            if not started_response:
+                await self._too_large()(scope, receive, send)
         except BaseException as exc:
             outcome = "cancelled" if not isinstance(exc, Exception) else "internal_error"
             raise

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from app import protocol, streaming
 from app.errors import UPSTREAM_UNAVAILABLE, ModelNotFoundError, error_body
 from app.generation import ChatMessage, Completion, DualPrompt, Event, GenerationParams
+from app.inputcheck import check_values
 from app.lifecycle import Lifecycle, until_cut
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
@@ -199,6 +200,7 @@ async def models(request: Request) -> Response:
 @router.post("/v1/completions")
 async def create_completion(body: protocol.CompletionRequest, request: Request) -> Response:
     state = gateway(request)
+    check_values(body)  # lone surrogates, integers beyond 64 bits: 400, not a later 500
     check_model(body.model, state.settings)
     params = body.generation_params(state.settings)
     # The settings' checks first (they came first before they moved to app/plan.py, so a
@@ -214,6 +216,7 @@ async def create_chat_completion(
     body: protocol.ChatCompletionRequest, request: Request
 ) -> Response:
     state = gateway(request)
+    check_values(body)
     check_model(body.model, state.settings)
     params = body.generation_params(state.settings)
     state.backend.check(params, 1)  # first, as for completions

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(64, ge=1, description="largest n (x prompts) one request may ask for")
     stream_keepalive_seconds: float = Field(15.0, gt=0)
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413"
+    )
     shutdown_grace: float = Field(
         100.0,
         ge=0,
