@@ -8,17 +8,22 @@ validation errors are 400 naming the parameter (never FastAPI's 422), unknown ex
 logged 500 with a generic message (never a stack trace or a path).
 
 Admission (a pure ASGI middleware, so it also covers the whole life of a stream): API keys on
-`/v1/*` when `Settings.api_keys` is set (401, constant-time comparison), then at most
-`Settings.max_concurrent_requests` generation requests at once (429), and the request metrics
-(in flight, duration, outcome).
+`/v1/*` and the API docs (`/docs`, `/redoc`, `/openapi.json`) when `Settings.api_keys` is set
+(401, constant-time comparison); a 503 while the gateway starts or drains (app/lifecycle.py);
+the body size (413); then at most `Settings.max_concurrent_requests` generation requests at
+once, the next ones waiting in a bounded FIFO queue (`Settings.queue_timeout`,
+`Settings.max_queued_requests`) before a 429 with Retry-After; and the request metrics (in
+flight, duration, outcome, queue wait).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -89,10 +94,14 @@ def create_app(
             )
             yield
 
+    docs = settings.docs_enabled
     app = FastAPI(
         title="dual-vllm",
         summary="OpenAI-compatible gateway sampling from the mixture of two vLLM models",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(router)
     running_version = version()
@@ -199,6 +208,15 @@ def _outcome(status: int) -> str:
     return "internal_error"
 
 
+# The generated API documentation describes every parameter: it follows the API-key rule of
+# /v1/* (Settings.docs_enabled = false removes it).
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path in DOC_PATHS
+
+
 class _BodyTooLarge(HTTPException):
     """The request body passed Settings.max_body_bytes while it was being read (an
     HTTPException so FastAPI's body reader lets it through instead of making it a 400)."""
@@ -225,6 +243,9 @@ class AdmissionMiddleware:
         self.keys = [key.encode() for key in settings.api_keys]
         self.limit = settings.max_concurrent_requests
         self.max_body = settings.max_body_bytes
+        self.queue_timeout = settings.queue_timeout
+        self.max_queue = settings.max_queued_requests
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.lifecycle = lifecycle
 
     @property
@@ -266,7 +287,7 @@ class AdmissionMiddleware:
             if metrics is not None and endpoint is not None:
                 metrics.request_finished(endpoint, outcome, time.perf_counter() - started)
 
-        if self.keys and path.startswith("/v1/") and not self._authorized(scope):
+        if self.keys and _protected(path) and not self._authorized(scope):
             if metrics is not None and endpoint is not None:
                 metrics.request_started(endpoint)
                 finished("client_error")
@@ -286,16 +307,25 @@ class AdmissionMiddleware:
             response.headers["Retry-After"] = "5"
             await response(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            finished("rate_limited")
-            message = f"too many concurrent requests (the limit is {self.limit}); retry later"
-            await _error(message, RATE_LIMIT)(scope, receive, send)
-            return
         if _content_length(scope) > self.max_body:
             finished("client_error")
             await self._too_large()(scope, receive, send)
             return
-        self.lifecycle.enter()
+        queued = time.perf_counter()
+        admitted = await self._acquire()
+        queue_wait = getattr(metrics, "queue_wait", None)
+        if queue_wait is not None:
+            queue_wait(time.perf_counter() - queued, admitted)
+        if not admitted:
+            finished("rate_limited")
+            message = (
+                f"too many concurrent requests (the limit is {self.limit}, and the wait queue "
+                "is full or the wait was too long); retry later"
+            )
+            response = _error(message, RATE_LIMIT)
+            response.headers["Retry-After"] = str(max(1, round(self.queue_timeout)))
+            await response(scope, receive, send)
+            return
         status = 500
         started_response = False
         state: dict[str, Any] = scope.setdefault("state", {})
@@ -330,5 +360,35 @@ class AdmissionMiddleware:
             outcome = "cancelled" if not isinstance(exc, Exception) else "internal_error"
             raise
         finally:
-            self.lifecycle.leave()
+            self._release()
             finished(outcome)
+
+    async def _acquire(self) -> bool:
+        """A slot under the concurrency limit: at once when one is free and nobody waits, else
+        after waiting in FIFO order (at most `queue_timeout` seconds, at most `max_queue`
+        waiters). False: no slot (429)."""
+        if self.lifecycle.in_flight < self.limit and not self._waiters:
+            self.lifecycle.enter()
+            return True
+        if len(self._waiters) >= self.max_queue or self.queue_timeout <= 0:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.queue_timeout)
+        except TimeoutError:
+            return waiter.done() and not waiter.cancelled()
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # a slot was handed over just as the client left
+            raise
+        return True
+
+    def _release(self) -> None:
+        """Hand the slot to the first live waiter (in flight stays the same), else free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.lifecycle.leave()

@@ -147,6 +147,8 @@ TOKEN_SECONDS_BUCKETS: Final = (
     30.0,
     60.0,
 )
+# Waiting for a slot: usually 0 (a free slot), bounded by Settings.queue_timeout (seconds).
+QUEUE_SECONDS_BUCKETS: Final = (0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_SECONDS_BUCKETS: Final = (
     0.01,
     0.05,
@@ -228,6 +230,14 @@ class Metrics:
             _name("inter_token_latency_seconds"),
             "Time between consecutive tokens of one choice.",
             buckets=TOKEN_SECONDS_BUCKETS,
+            registry=reg,
+        )
+
+        self._queue_wait = Histogram(
+            _name("queue_wait_seconds"),
+            "Time a generation request waited for a slot under the concurrency limit (those "
+            "that got a 429 included; they are outcome=rate_limited).",
+            buckets=QUEUE_SECONDS_BUCKETS,
             registry=reg,
         )
 
@@ -383,6 +393,10 @@ class Metrics:
         self._in_flight.labels(label).dec()
         self._requests.labels(label, _closed(outcome, OUTCOMES, "outcome")).inc()
         self._request_seconds.labels(label).observe(max(seconds, 0.0))
+
+    def queue_wait(self, seconds: float, admitted: bool) -> None:
+        """A generation request's wait for a slot (0 when one was free)."""
+        self._queue_wait.observe(max(seconds, 0.0))
 
     def time_to_first_token(self, seconds: float) -> None:
         self._ttft.observe(max(seconds, 0.0))

@@ -48,7 +48,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_concurrent_requests: int = Field(64, ge=1, description="beyond this: 429")
+    max_concurrent_requests: int = Field(64, ge=1, description="beyond this: the wait queue")
+    queue_timeout: float = Field(
+        5.0, ge=0, description="seconds a request may wait for a slot before its 429"
+    )
+    max_queued_requests: int = Field(256, ge=0, description="requests waiting at most")
+    docs_enabled: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
     max_concurrent_sequences: int = Field(
         64, ge=1, description="sequences generating at once across all requests"
     )
