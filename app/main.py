@@ -330,28 +330,38 @@ class AdmissionMiddleware:
         started_response = False
         state: dict[str, Any] = scope.setdefault("state", {})
         received = 0
+        completed = False  # the last body frame went out
+        abandoned = False  # the client went away before that
 
         async def receive_bounded() -> Message:
             # A body without Content-Length (chunked) is counted as it arrives.
-            nonlocal received
+            nonlocal received, abandoned
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise _BodyTooLarge(self.max_body)
+            elif message["type"] == "http.disconnect" and not completed:
+                abandoned = True
             return message
 
         async def send_status(message: Message) -> None:
-            nonlocal status, started_response
+            nonlocal status, started_response, completed
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started_response = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
             await send(message)
 
         outcome = "internal_error"
         try:
             await self.app(scope, receive_bounded, send_status)
             outcome = state.get(OUTCOME_KEY) or _outcome(status)
+            if abandoned:
+                # Nobody received the end (whatever the generation did after the client left,
+                # a finished generation or an upstream error): never "ok".
+                outcome = "cancelled"
         except _BodyTooLarge:
             outcome = "client_error"
             if not started_response:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 from asgi_lifespan import LifespanManager
+from starlette.types import Message
 
 from app.main import create_app
 from app.metrics import Metrics
@@ -96,3 +97,51 @@ async def test_api_docs_follow_the_api_keys() -> None:
     async with gateway(docs_enabled=False) as (client, _, _):
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert (await client.get(path)).status_code == 404, path
+
+
+async def test_a_stream_abandoned_by_its_client_is_cancelled_never_ok() -> None:
+    """The client leaves while the last frames are on their way (the generation is already
+    done): the request's outcome is "cancelled", not "ok" - it never got its [DONE]."""
+    base, teacher = fake_pair()
+    metrics = Metrics()
+    app = create_app(
+        Settings(base_url=[BASE_URL], teacher_url=[TEACHER_URL]),
+        metrics=metrics,
+        transport=pair_transport(base=base, teacher=teacher),
+    )
+    async with LifespanManager(app, startup_timeout=120) as manager:
+        body = b'{"prompt": "x", "max_tokens": 4, "stream": true}'
+        at_done = asyncio.Event()
+        sent_body = False
+
+        async def receive() -> Message:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await at_done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body" and b"[DONE]" in message.get("body", b""):
+                at_done.set()
+                await asyncio.sleep(3600)  # the socket is gone: this write never completes
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("gw", 80),
+            "state": {},
+        }
+        await asyncio.wait_for(manager.app(scope, receive, send), 30)
+    get = metrics.registry.get_sample_value
+    assert get("dual_vllm_requests_total", {"endpoint": "completions", "outcome": "ok"}) == 0
+    assert get("dual_vllm_requests_total", {"endpoint": "completions", "outcome": "cancelled"}) == 1
