@@ -209,6 +209,12 @@ def main() -> int:
         )
         and not line.endswith(" 0.0")
     }
+    outcomes = {
+        line.split('outcome="')[1].split('"')[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith('dual_vllm_requests_total{endpoint="completions"')
+        and not line.endswith(" 0.0")
+    }
     injected = sum(f.failures_injected for f in (base, teacher_1, teacher_2))
     report = {
         "streams": args.streams,
@@ -224,6 +230,7 @@ def main() -> int:
             "at_end": teacher_2.completions_started,
         },
         "retries_and_ejections": retries,
+        "gateway_outcomes": outcomes,  # the warm-up request included
         "gateway_before": before,
         "gateway_after": after,
     }
