@@ -358,9 +358,9 @@ class AdmissionMiddleware:
         try:
             await self.app(scope, receive_bounded, send_status)
             outcome = state.get(OUTCOME_KEY) or _outcome(status)
-            if abandoned:
-                # Nobody received the end (whatever the generation did after the client left,
-                # a finished generation or an upstream error): never "ok".
+            if abandoned and outcome == "ok":
+                # Nobody received the end of a response that went well: not "ok". (An error
+                # keeps its outcome: a client leaving on an error frame is no cancellation.)
                 outcome = "cancelled"
         except _BodyTooLarge:
             outcome = "client_error"

@@ -340,8 +340,10 @@ class UpstreamClient:
         json: Mapping[str, Any] | None = None,
         affinity: int = 0,
         url: str | None = None,
+        pinned: bool = False,
     ) -> httpx.Response:
-        """One call with error mapping and retries (see the module docstring)."""
+        """One call with error mapping and retries (see the module docstring); `pinned`
+        retries on the same replica (a question about that replica itself, e.g. its models)."""
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name} upstream client used before start()")
@@ -362,7 +364,7 @@ class UpstreamClient:
                 delay = _backoff(attempt)
                 if attempt >= retries or time.monotonic() + delay > deadline:
                     raise
-                following = self._next_replica(replica)
+                following = replica if pinned else self._next_replica(replica)
                 log.warning(
                     "%s upstream %s %s failed (%s: %s); retry %d/%d on %s in %.2fs",
                     self.name,
@@ -546,12 +548,13 @@ class UpstreamClient:
         last: UpstreamError | None = None
         for url in self.urls:
             try:
-                response = await self._request("GET", "/v1/models", url=url)
+                response = await self._request("GET", "/v1/models", url=url, pinned=True)
             except UpstreamRejectedError:
                 raise
             except UpstreamError as exc:
                 log.warning(
-                    "%s replica %s does not answer at start-up (%s); serving without it",
+                    "%s replica %s does not answer at start-up (%s); it joins the pool once "
+                    "its /health answers",
                     self.name,
                     redact_url(url),
                     exc.message,

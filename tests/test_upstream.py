@@ -534,3 +534,30 @@ async def test_health(mock: respx.MockRouter) -> None:
     assert ok.call_count == 2
     assert bad.call_count == 2
     assert await UpstreamClient("base", ["http://r0.test"], make_settings()).health() is False
+
+
+async def test_discover_skips_a_dead_replica_and_asks_each_replica_itself(
+    mock: respx.MockRouter,
+) -> None:
+    mock.get("http://r0.test/v1/models").respond(json=models_body(("m", 4096)))
+    dead = mock.get("http://r1.test/v1/models").mock(side_effect=httpx.ConnectError("down"))
+    urls = ["http://r0.test", "http://r1.test"]
+    async with UpstreamClient("base", urls, make_settings(upstream_retries=1)) as c:
+        info = await c.discover()
+        assert info.max_model_len == 4096
+        assert dead.call_count == 2  # retried on itself, not answered by r0
+        assert c.healthy() == ["http://r0.test"]
+        assert c.replica(1) == "http://r0.test"  # its sequences go to r0 meanwhile
+
+
+async def test_a_retry_moves_to_another_replica(mock: respx.MockRouter) -> None:
+    ok = completion({"token_id:5": -0.1})
+    r0 = mock.post("http://r0.test/v1/completions").mock(side_effect=httpx.ConnectError("x"))
+    r1 = mock.post("http://r1.test/v1/completions").respond(json=ok)
+    urls = ["http://r0.test", "http://r1.test"]
+    async with UpstreamClient("base", urls, make_settings(upstream_retries=1)) as c:
+        assert list(await c.topk([1], 2, affinity=0)) == [5]
+        assert (r0.call_count, r1.call_count) == (1, 1)
+        # r0 is ejected: the next probe of the same sequence goes to r1 directly.
+        await c.topk([1], 2, affinity=0)
+        assert (r0.call_count, r1.call_count) == (1, 2)
