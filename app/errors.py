@@ -23,11 +23,16 @@ INVALID_REQUEST = ErrorKind(400, "invalid_request_error", None)
 CONTEXT_LENGTH = ErrorKind(400, "invalid_request_error", "context_length_exceeded")
 AUTHENTICATION = ErrorKind(401, "authentication_error", "invalid_api_key")
 NOT_FOUND = ErrorKind(404, "invalid_request_error", "model_not_found")
+PAYLOAD_TOO_LARGE = ErrorKind(413, "invalid_request_error", "request_too_large")
 RATE_LIMIT = ErrorKind(429, "rate_limit_error", "too_many_concurrent_requests")
 INTERNAL = ErrorKind(500, "internal_error", None)
 UPSTREAM_BAD_RESPONSE = ErrorKind(502, "upstream_error", "bad_gateway")
 UPSTREAM_UNAVAILABLE = ErrorKind(503, "upstream_error", "upstream_unavailable")
 UPSTREAM_TIMEOUT = ErrorKind(504, "upstream_error", "upstream_timeout")
+# The gateway itself is not serving (app/lifecycle.py): still waiting for its upstreams at
+# start-up, or shutting down.
+GATEWAY_STARTING = ErrorKind(503, "service_unavailable_error", "gateway_starting")
+GATEWAY_DRAINING = ErrorKind(503, "service_unavailable_error", "gateway_draining")
 
 
 class DualVLLMError(Exception):

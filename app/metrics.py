@@ -43,12 +43,15 @@ OUTCOMES: Final = (
     "internal_error",
     "cancelled",
     "rate_limited",
+    "unavailable",  # refused while the gateway was starting or draining (app/lifecycle.py)
 )
 UPSTREAMS: Final = ("base", "teacher")
 # Upstream error kinds follow the error table (app/errors.py): timeout -> 504, unavailable
 # (connect error / 503) -> 503, bad_response (other 5xx, malformed body) -> 502, rejected (4xx).
 ERROR_KINDS: Final = ("timeout", "unavailable", "bad_response", "rejected", "other")
 OTHER: Final = "other"
+# Why an upstream call was retried (app/upstream.py `_retry_reason`).
+RETRY_REASONS: Final = ("connect", "unavailable", "timeout", "reset", "server_error", "other")
 
 # The coordinator may report the exception class name instead of the kind; both are accepted.
 _ERROR_CLASS_KINDS: Final = {
@@ -144,6 +147,8 @@ TOKEN_SECONDS_BUCKETS: Final = (
     30.0,
     60.0,
 )
+# Waiting for a slot: usually 0 (a free slot), bounded by Settings.queue_timeout (seconds).
+QUEUE_SECONDS_BUCKETS: Final = (0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_SECONDS_BUCKETS: Final = (
     0.01,
     0.05,
@@ -228,6 +233,14 @@ class Metrics:
             registry=reg,
         )
 
+        self._queue_wait = Histogram(
+            _name("queue_wait_seconds"),
+            "Time a generation request waited for a slot under the concurrency limit (those "
+            "that got a 429 included; they are outcome=rate_limited).",
+            buckets=QUEUE_SECONDS_BUCKETS,
+            registry=reg,
+        )
+
         # --- upstream calls ----------------------------------------------------------------
         self._upstream_seconds = Histogram(
             _name("upstream_request_duration_seconds"),
@@ -240,6 +253,18 @@ class Metrics:
             _name("upstream_errors"),
             "Failed upstream calls by upstream and kind.",
             ["upstream", "kind"],
+            registry=reg,
+        )
+        self._upstream_retries = Counter(
+            _name("upstream_retries"),
+            "Upstream calls retried (probes and other idempotent calls) by upstream and reason.",
+            ["upstream", "reason"],
+            registry=reg,
+        )
+        self._replica_ejections = Counter(
+            _name("upstream_replica_ejections"),
+            "Replicas ejected from an upstream's pool after a failure.",
+            ["upstream"],
             registry=reg,
         )
 
@@ -312,8 +337,11 @@ class Metrics:
                 self._requests.labels(endpoint, outcome)
         for upstream in (*UPSTREAMS, OTHER):
             self._upstream_seconds.labels(upstream)
+            self._replica_ejections.labels(upstream)
             for kind in ERROR_KINDS:
                 self._upstream_errors.labels(upstream, kind)
+            for reason in RETRY_REASONS:
+                self._upstream_retries.labels(upstream, reason)
         for reason in REASONS:
             self._steps.labels(reason)
 
@@ -326,6 +354,16 @@ class Metrics:
         self._upstream_seconds.labels(label).observe(max(seconds, 0.0))
         if error is not None:
             self._upstream_errors.labels(label, _error_kind(error)).inc()
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        """A failed upstream call is being retried (`reason`: one of RETRY_REASONS)."""
+        self._upstream_retries.labels(
+            _closed(upstream, UPSTREAMS, "upstream"), _closed(reason, RETRY_REASONS, "reason")
+        ).inc()
+
+    def replica_ejected(self, upstream: str) -> None:
+        """A replica of `upstream` left its pool (it comes back when /health answers)."""
+        self._replica_ejections.labels(_closed(upstream, UPSTREAMS, "upstream")).inc()
 
     def step(self, result: StepResult, seconds: float) -> None:
         """One generated token."""
@@ -355,6 +393,10 @@ class Metrics:
         self._in_flight.labels(label).dec()
         self._requests.labels(label, _closed(outcome, OUTCOMES, "outcome")).inc()
         self._request_seconds.labels(label).observe(max(seconds, 0.0))
+
+    def queue_wait(self, seconds: float, admitted: bool) -> None:
+        """A generation request's wait for a slot (0 when one was free)."""
+        self._queue_wait.observe(max(seconds, 0.0))
 
     def time_to_first_token(self, seconds: float) -> None:
         self._ttft.observe(max(seconds, 0.0))

@@ -5,8 +5,9 @@ per-step probe and the cached token texts.
 and returns plain data); this module builds the math's input types from that data (`TopK`,
 app/sampling), so the HTTP client never depends on the math.
 
-Start-up refuses to serve (StartupError, naming the upstream and the fix) when an upstream does
-not answer, when the two tokenizers split a probe text differently (token-id mixing needs one
+Start-up waits (retrying with backoff, up to `Settings.startup_timeout`) while an upstream does
+not answer, and refuses to serve (StartupError, naming the upstream and the fix) when it still
+does not, when the two tokenizers split a probe text differently (token-id mixing needs one
 tokenizer), when K is above an upstream's --max-logprobs, or when no EOS id can be found.
 
 EOS ids: `Settings.eos_token_ids` if set; else the teacher's `GET /tokenizer_info` (vLLM with
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,15 +28,19 @@ from typing import Any
 import httpx
 
 from app.detok import Decoder, IncrementalText, LocalDecoder, RemoteDecoder
-from app.errors import UpstreamError, UpstreamUnavailableError
+from app.errors import UpstreamError, UpstreamRejectedError, UpstreamUnavailableError
 from app.generation import Observer
 from app.sampling import topk_from_mapping
 from app.sampling.types import SamplingError, TopK
 from app.settings import Settings
 from app.tasks import both, task_group
-from app.upstream import ModelInfo, StartupError, UpstreamClient
+from app.upstream import ModelInfo, StartupError, UpstreamClient, redact_url
 
 log = logging.getLogger(__name__)
+
+# Backoff of the start-up checks while an upstream does not answer.
+_STARTUP_RETRY_SECONDS = 0.5
+_STARTUP_RETRY_MAX_SECONDS = 10.0
 
 # Probe text of the start-up tokenizer check: ASCII, accents, a multi-byte symbol, CJK, digits
 # and whitespace, so two different vocabularies almost surely split it differently.
@@ -125,11 +131,37 @@ class UpstreamPair:
 
     async def start(self) -> None:
         """Open both clients and run the start-up checks; a failure closes them and raises
-        StartupError (the message names the upstream and the fix)."""
+        StartupError (the message names the upstream and the fix).
+
+        While an upstream does not answer (connect error, timeout, 5xx) the checks are retried
+        with backoff (logged at WARNING), for at most `Settings.startup_timeout` seconds (None:
+        forever; 0: one attempt). An upstream that answers wrongly (another tokenizer, K above
+        its limit, no EOS id...) is a configuration error: it fails at once."""
         await self.base.start()
         await self.teacher.start()
+        timeout = self.settings.startup_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _STARTUP_RETRY_SECONDS
+        attempt = 1
         try:
-            await self._startup_checks()
+            while True:
+                try:
+                    await self._startup_checks()
+                    return
+                except StartupError as exc:
+                    if not exc.waiting or (
+                        deadline is not None and time.monotonic() + delay > deadline
+                    ):
+                        raise
+                    log.warning(
+                        "waiting for the upstreams (attempt %d, next in %.1fs): %s",
+                        attempt,
+                        delay,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _STARTUP_RETRY_MAX_SECONDS)
+                attempt += 1
         except BaseException:
             await self.aclose()
             raise
@@ -174,9 +206,10 @@ class UpstreamPair:
             hint = ""
             if isinstance(exc, UpstreamUnavailableError):
                 hint = f"; is vLLM running there? (DUAL_VLLM_{client.name.upper()}_URL)"
+            urls = ", ".join(map(redact_url, client.urls))
             raise StartupError(
-                f"{client.name} upstream ({', '.join(client.urls)}) failed the start-up "
-                f"checks: {exc.message}{hint}"
+                f"{client.name} upstream ({urls}) failed the start-up checks: {exc.message}{hint}",
+                waiting=not isinstance(exc, UpstreamRejectedError),
             ) from exc
         log.info(
             "upstreams ready: base %s (max_model_len %d), teacher %s (max_model_len %d), "
@@ -226,7 +259,7 @@ class UpstreamPair:
                 )
 
     async def ready(self) -> bool:
-        """Both upstreams answer (for GET /ready)."""
+        """Each upstream has at least one replica answering /health (for GET /ready)."""
         base_ok, teacher_ok = await both(self.base.health(), self.teacher.health())
         return base_ok and teacher_ok
 

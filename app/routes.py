@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Request
@@ -34,6 +34,8 @@ from app.generation import (
     Event,
     GenerationParams,
 )
+from app.inputcheck import check_values
+from app.lifecycle import Lifecycle, until_cut
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
@@ -111,6 +113,7 @@ class Gateway:
     settings: Settings
     backend: Backend
     metrics: HTTPObserver
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def token_texts(self) -> TokenTexts:
@@ -181,7 +184,14 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    if await gateway(request).backend.ready():
+    """200 while serving with a healthy replica of each model; 503 while starting, draining,
+    or when a model has no replica answering."""
+    state = gateway(request)
+    refusal = state.lifecycle.refusal()
+    if refusal is not None:
+        message, kind = refusal
+        return JSONResponse(error_body(message, kind), status_code=503)
+    if await state.backend.ready():
         return JSONResponse({"status": "ready"})
     return JSONResponse(
         error_body("an upstream does not answer", UPSTREAM_UNAVAILABLE), status_code=503
@@ -206,6 +216,7 @@ async def models(request: Request) -> Response:
 @router.post("/v1/completions")
 async def create_completion(body: protocol.CompletionRequest, request: Request) -> Response:
     state = gateway(request)
+    check_values(body)  # lone surrogates, integers beyond 64 bits: 400, not a later 500
     check_model(body.model, state.settings)
     params = body.generation_params(state.settings)
     # The settings' checks first (they came first before they moved to app/plan.py, so a
@@ -221,6 +232,7 @@ async def create_chat_completion(
     body: protocol.ChatCompletionRequest, request: Request
 ) -> Response:
     state = gateway(request)
+    check_values(body)
     check_model(body.model, state.settings)
     params = body.generation_params(state.settings)
     state.backend.check(params, 1)  # first, as for completions
@@ -271,8 +283,12 @@ async def _stream(
         await frames.aclose()
         return Response(status_code=499)
     return StreamingResponse(
-        streaming.with_keepalive(
-            streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
+        until_cut(
+            streaming.with_keepalive(
+                streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
+            ),
+            state.lifecycle.cut,
+            functools.partial(set_outcome, request),
         ),
         media_type="text/event-stream",
         headers=streaming.SSE_HEADERS,

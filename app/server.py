@@ -1,15 +1,18 @@
 """`dual-vllm serve`: the gateway on uvicorn (one worker).
 
 Settings come from the environment (`DUAL_VLLM_*`, README.md) and `--host` / `--port`.
-The coordinator is entered (both upstreams reached, start-up checks run) BEFORE uvicorn
-starts, so a bad setting, an unreachable upstream or a taken port ends the command with one
-clear line on stderr and a non-zero status, not a traceback.
+It listens at once (`/health` answers; `/ready` is 503 and generation requests get a 503 until
+the upstreams have answered the start-up checks, which are retried while they do not answer).
+A bad setting, a wrong upstream (another tokenizer, K above its limit...), an upstream still
+not answering after DUAL_VLLM_STARTUP_TIMEOUT or a taken port ends the command with one clear
+line on stderr and a non-zero status, not a traceback. SIGTERM drains (app/lifecycle.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -19,7 +22,10 @@ from collections.abc import Callable
 from types import FrameType
 
 from pydantic import ValidationError
+from uvicorn import config as uvicorn_config
+from uvicorn import server as uvicorn_server
 
+from app.lifecycle import Lifecycle
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,29 +69,97 @@ def _port_free(host: str, port: int) -> str | None:
 
 
 async def serve(settings: Settings, *, log_level: str = "info") -> None:
-    """Run the gateway until SIGINT/SIGTERM. Raises StartupError if it must not serve."""
+    """Run the gateway until SIGINT/SIGTERM. Raises StartupError if it must not serve.
+
+    It listens at once: `/health` answers while the start-up checks wait for the upstreams in
+    the background (app/lifecycle.py "starting"); they raise StartupError (which stops the
+    server) only for a wrong configuration or after DUAL_VLLM_STARTUP_TIMEOUT. The first
+    SIGTERM/SIGINT drains (`Settings.shutdown_grace`), a second one stops at once."""
     import uvicorn
 
     from app.coordinator import Coordinator
     from app.main import create_app
     from app.metrics import Metrics
+    from app.upstream import StartupError
 
     metrics = Metrics()
-    async with Coordinator(settings, observer=metrics) as coordinator:
-        app = create_app(settings, coordinator=coordinator, metrics=metrics)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level,
-            lifespan="on",
-            http="httptools",  # the C HTTP parser: less CPU per request than h11
-            timeout_graceful_shutdown=10,
-        )
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, _quiet)
-        await uvicorn.Server(config).serve()
+    lifecycle = Lifecycle("starting")
+    coordinator = Coordinator(settings, observer=metrics)
+    app = create_app(settings, coordinator=coordinator, metrics=metrics, lifecycle=lifecycle)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        http="httptools",  # the C HTTP parser: less CPU per request than h11
+        # The drain (below) already waited for the requests in flight; this bounds the last
+        # writes after it.
+        timeout_graceful_shutdown=int(_FLUSH_SECONDS) + 1,
+    )
+    server = _DrainingServer(config, lifecycle, settings.shutdown_grace)
+    failure: list[StartupError] = []
+
+    async def start_upstreams() -> None:
+        try:
+            await coordinator.start()
+        except StartupError as exc:
+            failure.append(exc)
+            server.should_exit = True
+            return
+        lifecycle.serving()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _quiet)
+    starting = asyncio.create_task(start_upstreams())
+    try:
+        await server.serve()
+    finally:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await coordinator.aclose()
+    if failure:
+        raise failure[0]
+
+
+_FLUSH_SECONDS = 5.0
+
+
+class _DrainingServer(uvicorn_server.Server):
+    """uvicorn's server whose first exit signal drains (app/lifecycle.py) before it exits:
+    the listener stays open so new requests get a clear 503 while the load balancer notices
+    /ready, in-flight requests finish within the grace period, running streams are then cut
+    with an error frame. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn_config.Config, lifecycle: Lifecycle, grace: float) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        loop = self._loop
+        if self._draining is not None or loop is None or self.should_exit or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        # A signal handler: schedule the drain on the loop, do not run it here.
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        log.info("shutdown signal: draining (grace %.0fs)", self._grace)
+        await self._lifecycle.drain(self._grace, flush=_FLUSH_SECONDS)
+        self.should_exit = True
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

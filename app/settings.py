@@ -48,18 +48,46 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_concurrent_requests: int = Field(64, ge=1, description="beyond this: 429")
+    max_concurrent_requests: int = Field(64, ge=1, description="beyond this: the wait queue")
+    queue_timeout: float = Field(
+        5.0, ge=0, description="seconds a request may wait for a slot before its 429"
+    )
+    max_queued_requests: int = Field(256, ge=0, description="requests waiting at most")
+    docs_enabled: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
     max_concurrent_sequences: int = Field(
         64, ge=1, description="sequences generating at once across all requests"
     )
     max_n: int = Field(64, ge=1, description="largest n (x prompts) one request may ask for")
     stream_keepalive_seconds: float = Field(15.0, gt=0)
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413"
+    )
+    shutdown_grace: float = Field(
+        100.0,
+        ge=0,
+        description="seconds in-flight requests may take to finish after SIGTERM (the k8s "
+        "manifests' terminationGracePeriodSeconds is 120)",
+    )
+    startup_timeout: float | None = Field(
+        None,
+        ge=0,
+        description="seconds to wait for the upstreams to answer at start; None = forever",
+    )
 
     # --- upstream HTTP ---------------------------------------------------------------------
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(60.0, gt=0)
     upstream_max_connections: int = Field(256, ge=1)
-    upstream_retries: int = Field(2, ge=0, le=10, description="for idempotent calls only")
+    upstream_retries: int = Field(
+        2, ge=0, le=10, description="retries per upstream call (5xx, resets, timeouts)"
+    )
+    upstream_retry_deadline: float = Field(
+        30.0, gt=0, description="no retry starts later than this after the call began (s)"
+    )
+    replica_eject_seconds: float = Field(
+        1.0, gt=0, description="first ejection of a failing replica (doubles per failure)"
+    )
+    replica_eject_max_seconds: float = Field(30.0, gt=0, description="longest ejection")
     upstream_batch_probes: bool = Field(
         True, description="coalesce concurrent probes to one replica into one request"
     )

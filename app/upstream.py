@@ -13,19 +13,32 @@ app/errors.py:
 | other 5xx, broken connection, malformed body     | UpstreamError                 | 502  |
 | 4xx (the upstream's message is kept)            | UpstreamRejectedError         | 400  |
 
-Retries (with exponential backoff, `Settings.upstream_retries` times) happen only for
-idempotent calls and only when the request certainly did no work: a connect error/timeout (the
-request never reached the server) or a 503 (vLLM's "not ready / retryable" answer). Every call
-here is idempotent - the probe has `max_tokens: 1`, `temperature: 0` and no side effect beyond
-warming the prefix cache - so all of them are retried on those two conditions, and never on a
-read timeout, a 5xx other than 503 or a 4xx (repeating those would double the latency for the
-same answer).
+Retries: every call here is idempotent - the probe has `max_tokens: 1`, `temperature: 0`
+and no side effect beyond warming the prefix cache, and sampling happens in the gateway, so
+repeating a probe cannot change the output law - so every failure that is not the client's
+(connect error, reset connection, timeout, any 5xx) is retried, at most
+`Settings.upstream_retries` times per call and never past `Settings.upstream_retry_deadline`
+seconds after the call began, with exponential backoff and jitter (so replicas recovering
+together are not hit in lockstep). A retry goes to ANOTHER replica when there is one. A 4xx is
+never retried (the same request gets the same answer), nor is a malformed 200 body. A batched
+probe (app/probes.py) is one call: a batch that failed is retried as a batch.
+
+Replicas are a pool: a replica whose call failed (retryably) is ejected, with a backoff that
+doubles per consecutive failure (`Settings.replica_eject_seconds` up to
+`Settings.replica_eject_max_seconds`), and is taken back only once its `/health` answers 200.
+`replica(affinity)` prefers `urls[affinity % n]` (one sequence's prefix cache stays warm) but
+skips ejected replicas, so a sequence whose replica fails moves to a healthy one.
+
+Messages of the errors raised here name the upstream's role and the failure, never its URL (a
+URL may hold credentials or internal host names); logs show URLs with credentials redacted
+(`redact_url`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -56,9 +69,15 @@ _RETRY_MAX_SECONDS = 2.0
 class StartupError(RuntimeError):
     """The gateway must not serve: the message names the upstream and the fix.
 
-    Not an HTTP error (no entry in app/errors.py's table): it stops `dual-vllm serve` before
-    it listens, and the batch job before it reads its dataset.
+    Not an HTTP error (no entry in app/errors.py's table): it stops `dual-vllm serve` (which
+    answers /health and a 503 /ready while it waits) and the batch job before it reads its
+    dataset. `waiting` is True when the upstream did not answer (worth retrying until
+    DUAL_VLLM_STARTUP_TIMEOUT), False when it answered wrongly (a configuration to fix).
     """
+
+    def __init__(self, message: str, *, waiting: bool = False) -> None:
+        super().__init__(message)
+        self.waiting = waiting
 
 
 class CallObserver(Protocol):
@@ -84,6 +103,42 @@ def _error_label(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamRejectedError):
         return "rejected"
     return "bad_response"
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (or a lone user-info token) replaced by `***`, for logs:
+    `http://user:secret@host` -> `http://user:***@host`, `http://token@host` -> `http://***@host`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{scheme}://{masked}@{host}{slash}{tail}"
+
+
+def _retry_reason(exc: UpstreamError) -> str | None:
+    """Why a failed call may be retried (a label of dual_vllm_upstream_retries_total), or None
+    when it must not be (the upstream refused the request itself: 4xx)."""
+    if isinstance(exc, UpstreamRejectedError):
+        return None
+    if isinstance(exc, UpstreamTimeoutError):
+        return "timeout"
+    cause = exc.__cause__
+    if isinstance(exc, UpstreamUnavailableError):
+        return "connect" if isinstance(cause, httpx.TransportError) else "unavailable"
+    if isinstance(cause, httpx.TransportError):
+        return "reset"
+    return "server_error"
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: a uniform draw in [1/2, 1] of the capped step."""
+    step = min(_RETRY_BASE_SECONDS * 2**attempt, _RETRY_MAX_SECONDS)
+    return float(step * random.uniform(0.5, 1.0))
 
 
 def _upstream_message(response: httpx.Response) -> str:
@@ -130,6 +185,9 @@ class UpstreamClient:
         self._observer = observer
         self._client: httpx.AsyncClient | None = None
         self._batchers: dict[str, ProbeBatcher] = {}  # by replica URL
+        self._ejected: dict[str, float] = {}  # replica URL -> when its ejection ends
+        self._failures: dict[str, int] = {}  # replica URL -> consecutive failures
+        self._pool_tasks: set[asyncio.Task[None]] = set()
         self.info: ModelInfo | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -164,6 +222,11 @@ class UpstreamClient:
         )
 
     async def aclose(self) -> None:
+        tasks, self._pool_tasks = list(self._pool_tasks), set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         batchers, self._batchers = list(self._batchers.values()), {}
         for batcher in batchers:
             await batcher.aclose()
@@ -179,8 +242,95 @@ class UpstreamClient:
         await self.aclose()
 
     def replica(self, affinity: int = 0) -> str:
-        """A stable replica per affinity key, so one sequence's prefix cache stays warm."""
-        return self.urls[affinity % len(self.urls)]
+        """The replica for an affinity key: `urls[affinity % n]` (one sequence's prefix cache
+        stays warm) unless it is ejected, then the next healthy one; when every replica is
+        ejected, the preferred one (a call is never refused here)."""
+        n = len(self.urls)
+        first = affinity % n
+        if not self._ejected:
+            return self.urls[first]
+        for offset in range(n):
+            url = self.urls[(first + offset) % n]
+            if url not in self._ejected:
+                return url
+        return self.urls[first]
+
+    def healthy(self) -> list[str]:
+        """The replicas not ejected now."""
+        return [url for url in self.urls if url not in self._ejected]
+
+    def _next_replica(self, url: str) -> str:
+        """Another replica than `url` for a retry: the next healthy one, else the next one."""
+        n = len(self.urls)
+        if n == 1:
+            return url
+        at = self.urls.index(url) if url in self.urls else 0
+        others = [self.urls[(at + i) % n] for i in range(1, n)]
+        return next((u for u in others if u not in self._ejected), others[0])
+
+    # --- the replica pool --------------------------------------------------------------------
+
+    def _succeeded(self, url: str) -> None:
+        if self._failures.pop(url, None) is not None and url in self._ejected:
+            self._reinstate(url)
+
+    def _failed(self, url: str, reason: str) -> None:
+        """A retryable failure of `url`: eject it (backoff doubling per consecutive failure)
+        and probe it back in through /health."""
+        if url not in self.urls:
+            return
+        failures = self._failures[url] = self._failures.get(url, 0) + 1
+        if url in self._ejected:
+            return
+        s = self._settings
+        backoff = min(s.replica_eject_seconds * 2 ** (failures - 1), s.replica_eject_max_seconds)
+        self._ejected[url] = time.monotonic() + backoff
+        log.warning(
+            "%s replica %s ejected for %.1fs after a failure (%s)",
+            self.name,
+            redact_url(url),
+            backoff,
+            reason,
+        )
+        if self._observer is not None:
+            hook = getattr(self._observer, "replica_ejected", None)
+            if hook is not None:
+                hook(self.name)
+        task = asyncio.get_running_loop().create_task(self._probe_back(url))
+        self._pool_tasks.add(task)
+        task.add_done_callback(self._pool_tasks.discard)
+
+    def _reinstate(self, url: str) -> None:
+        self._ejected.pop(url, None)
+        self._failures.pop(url, None)
+        log.info("%s replica %s is back in the pool", self.name, redact_url(url))
+
+    async def _probe_back(self, url: str) -> None:
+        """Wait out the ejection, then take the replica back when /health answers 200; each
+        failed check doubles the wait (bounded)."""
+        s = self._settings
+        while url in self._ejected:
+            await asyncio.sleep(max(self._ejected[url] - time.monotonic(), 0.0))
+            if url not in self._ejected:
+                return
+            if await self._healthy(url):
+                self._reinstate(url)
+                return
+            failures = self._failures[url] = self._failures.get(url, 0) + 1
+            backoff = min(
+                s.replica_eject_seconds * 2 ** (failures - 1), s.replica_eject_max_seconds
+            )
+            self._ejected[url] = time.monotonic() + backoff
+
+    async def _healthy(self, url: str) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            response = await client.get(url + "/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     # --- transport ---------------------------------------------------------------------------
 
@@ -192,38 +342,50 @@ class UpstreamClient:
         json: Mapping[str, Any] | None = None,
         affinity: int = 0,
         url: str | None = None,
+        pinned: bool = False,
     ) -> httpx.Response:
-        """One call with error mapping and safe retries (see the module docstring)."""
+        """One call with error mapping and retries (see the module docstring); `pinned`
+        retries on the same replica (a question about that replica itself, e.g. its models)."""
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name} upstream client used before start()")
-        target = (url or self.replica(affinity)) + path
+        replica = url or self.replica(affinity)
         retries = self._settings.upstream_retries
+        deadline = time.monotonic() + self._settings.upstream_retry_deadline
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                response = await self._send(client, method, target, json)
+                response = await self._send(client, method, replica + path, json)
             except UpstreamError as exc:
                 self._observe(started, exc)
-                retryable = isinstance(exc, UpstreamUnavailableError)
-                if not retryable or attempt >= retries:
+                reason = _retry_reason(exc)
+                if reason is None:
                     raise
-                delay = min(_RETRY_BASE_SECONDS * 2**attempt, _RETRY_MAX_SECONDS)
+                self._failed(replica, reason)
+                delay = _backoff(attempt)
+                if attempt >= retries or time.monotonic() + delay > deadline:
+                    raise
+                following = replica if pinned else self._next_replica(replica)
                 log.warning(
-                    "%s upstream %s %s failed (%s); retry %d/%d in %.2fs",
+                    "%s upstream %s %s failed (%s: %s); retry %d/%d on %s in %.2fs",
                     self.name,
                     method,
-                    target,
+                    redact_url(replica) + path,
+                    reason,
                     exc.message,
                     attempt + 1,
                     retries,
+                    redact_url(following),
                     delay,
                 )
+                self._count_retry(reason)
                 await asyncio.sleep(delay)
+                replica = following
                 attempt += 1
                 continue
             self._observe(started, None)
+            self._succeeded(replica)
             return response
 
     async def _send(
@@ -239,18 +401,15 @@ class UpstreamClient:
             response = await client.request(method, target, content=content)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise UpstreamUnavailableError(
-                f"{name} upstream at {target} is unreachable: {str(exc) or type(exc).__name__}",
-                upstream=name,
+                f"{name} upstream is unreachable ({type(exc).__name__})", upstream=name
             ) from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(
-                f"{name} upstream at {target} did not answer in time ({type(exc).__name__})",
-                upstream=name,
+                f"{name} upstream did not answer in time ({type(exc).__name__})", upstream=name
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError(
-                f"{name} upstream at {target} failed: {str(exc) or type(exc).__name__}",
-                upstream=name,
+                f"{name} upstream connection failed ({type(exc).__name__})", upstream=name
             ) from exc
         status = response.status_code
         if status < 400:
@@ -265,6 +424,12 @@ class UpstreamClient:
         raise UpstreamRejectedError(
             f"{name} upstream rejected the request: {message}", upstream=name
         )
+
+    def _count_retry(self, reason: str) -> None:
+        if self._observer is not None:
+            hook = getattr(self._observer, "upstream_retry", None)
+            if hook is not None:
+                hook(self.name, reason)
 
     def _observe(self, started: float, exc: UpstreamError | None) -> None:
         if self._observer is not None:
@@ -360,40 +525,57 @@ class UpstreamClient:
         return parse_batch(self._json(response), len(prompts), upstream=self.name)
 
     async def health(self) -> bool:
-        """Every replica answers /health with 200 (one short attempt each, no retries)."""
-        client = self._client
-        if client is None:
+        """At least one replica answers /health with 200 (one short attempt each, no retries);
+        a replica that answers is taken back into the pool, one that does not is ejected."""
+        if self._client is None:
             return False
 
-        async def one(url: str) -> bool:
-            try:
-                response = await client.get(url + "/health", timeout=5.0)
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 200
-
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(url)) for url in self.urls]
-        return all(task.result() for task in tasks)
+            tasks = [group.create_task(self._healthy(url)) for url in self.urls]
+        for url, task in zip(self.urls, tasks, strict=True):
+            if task.result():
+                if url in self._ejected:
+                    self._reinstate(url)
+            else:
+                self._failed(url, "health")
+        return any(task.result() for task in tasks)
 
     async def discover(self) -> ModelInfo:
-        """`/v1/models` of every replica: the served model (Settings' name, else the only /
-        first one) and its max_model_len (the smallest over replicas)."""
+        """`/v1/models` of every replica that answers: the served model (Settings' name, else
+        the only / first one) and its max_model_len (the smallest over replicas). A replica that
+        does not answer is a warning (it is ejected and probed back in later); none answering
+        raises the last replica's error."""
         infos: list[ModelInfo] = []
+        answered: list[str] = []
+        last: UpstreamError | None = None
         for url in self.urls:
-            response = await self._request("GET", "/v1/models", url=url)
+            try:
+                response = await self._request("GET", "/v1/models", url=url, pinned=True)
+            except UpstreamRejectedError:
+                raise
+            except UpstreamError as exc:
+                log.warning(
+                    "%s replica %s does not answer at start-up (%s); it joins the pool once "
+                    "its /health answers",
+                    self.name,
+                    redact_url(url),
+                    exc.message,
+                )
+                last = exc
+                continue
             body = self._json(response)
+            shown = redact_url(url)
             try:
                 cards = [c for c in body["data"] if isinstance(c, dict)]
             except (KeyError, TypeError) as exc:
                 raise self._malformed("/v1/models body") from exc
             if not cards:
-                raise StartupError(f"{self.name} upstream at {url} serves no model")
+                raise StartupError(f"{self.name} upstream at {shown} serves no model")
             names = [str(c.get("id")) for c in cards]
             if self.model is not None:
                 if self.model not in names:
                     raise StartupError(
-                        f"{self.name} upstream at {url} does not serve model {self.model!r} "
+                        f"{self.name} upstream at {shown} does not serve model {self.model!r} "
                         f"(it serves {', '.join(names)}); fix DUAL_VLLM_{self.name.upper()}_MODEL"
                     )
                 card = cards[names.index(self.model)]
@@ -402,15 +584,21 @@ class UpstreamClient:
             max_len = card.get("max_model_len")
             if not isinstance(max_len, int) or max_len <= 0:
                 raise StartupError(
-                    f"{self.name} upstream at {url} does not report max_model_len for "
+                    f"{self.name} upstream at {shown} does not report max_model_len for "
                     f"{card.get('id')!r} (is it a LoRA card?)"
                 )
             root = card.get("root")
             infos.append(ModelInfo(str(card.get("id")), max_len, str(root) if root else None))
+            answered.append(url)
+        if not infos:
+            assert last is not None
+            raise last
         if len({i.name for i in infos}) > 1:
             raise StartupError(
                 f"{self.name} replicas serve different models: "
-                + ", ".join(f"{u} -> {i.name}" for u, i in zip(self.urls, infos, strict=True))
+                + ", ".join(
+                    f"{redact_url(u)} -> {i.name}" for u, i in zip(answered, infos, strict=True)
+                )
             )
         info = ModelInfo(infos[0].name, min(i.max_model_len for i in infos), infos[0].root)
         self.model = info.name
@@ -477,17 +665,18 @@ class UpstreamClient:
 
     async def check_logprobs(self, prompt: Sequence[int], k: int) -> None:
         """One probe with logprobs=K; a 400 naming the maximum becomes a StartupError."""
+        url = self.replica(0)
+        shown = redact_url(url)
         try:
-            await self._topk(prompt, k, self.urls[0])
+            await self._topk(prompt, k, url)
         except UpstreamRejectedError as exc:
             match = _MAX_ALLOWED.search(exc.message)
             if match is None:
                 raise StartupError(
-                    f"{self.name} upstream at {self.urls[0]} rejected a logprobs={k} probe: "
-                    f"{exc.message}"
+                    f"{self.name} upstream at {shown} rejected a logprobs={k} probe: {exc.message}"
                 ) from exc
             raise StartupError(
-                f"{self.name} upstream at {self.urls[0]} allows at most {match.group(1)} "
+                f"{self.name} upstream at {shown} allows at most {match.group(1)} "
                 f"logprobs but K={k} is configured: lower DUAL_VLLM_TOP_K (or the request's "
                 f"mixing.top_k) or restart vLLM with --max-logprobs {k} or more"
             ) from exc

@@ -463,7 +463,8 @@ async def test_api_keys(gateway: Gateway) -> None:
 
 
 async def test_concurrency_limit_is_429(gateway: Gateway) -> None:
-    async with gateway(max_concurrent_requests=1) as g:
+    # No wait queue: at once (tests/test_admission.py has the queue).
+    async with gateway(max_concurrent_requests=1, queue_timeout=0) as g:
         # Slow enough that the first request surely still runs when the second arrives,
         # however loaded the machine; fast again once the second was rejected.
         g.teacher.faults.latency = 0.5

@@ -252,7 +252,7 @@ def test_client_errors(live: Factory) -> None:
 
 
 def test_rate_limit_is_429_for_the_client(live: Factory) -> None:
-    with live(max_concurrent_requests=1) as g:
+    with live(max_concurrent_requests=1, queue_timeout=0) as g:  # no wait queue
         g.teacher.faults.latency = 0.02
         client = g.client()
         stream = client.completions.create(

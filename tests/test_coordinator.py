@@ -157,7 +157,8 @@ async def test_startup_refuses_k_above_max_logprobs(coordinator: CoordinatorFact
 async def test_startup_refuses_unreachable_upstream(base: FakeVLLM) -> None:
     # Only the base is routed: the teacher's URL raises ConnectError (after the retries).
     coord = Coordinator(
-        settings(upstream_retries=0), transport=pair_transport({BASE_URL: base.app})
+        settings(upstream_retries=0, startup_timeout=0),
+        transport=pair_transport({BASE_URL: base.app}),
     )
     with pytest.raises(StartupError, match=r"teacher upstream .*unreachable.*TEACHER_URL"):
         async with coord:
@@ -175,7 +176,7 @@ async def test_startup_refuses_broken_models_endpoint(
 ) -> None:
     base.faults.models_status = 500
     with pytest.raises(StartupError, match="base upstream"):
-        async with coordinator():
+        async with coordinator(startup_timeout=0):
             pass
 
 

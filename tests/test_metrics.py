@@ -164,6 +164,21 @@ def test_unknown_label_values_are_bounded() -> None:
     assert not any("10.0.0.1" in x or "user=42" in x for x in labels | names)
 
 
+def test_upstream_retries_and_ejections() -> None:
+    m = Metrics()
+    assert value(m, "dual_vllm_upstream_retries_total", upstream="base", reason="reset") == 0
+    m.upstream_retry("base", "reset")
+    m.upstream_retry("teacher", "server_error")
+    m.upstream_retry("teacher", "made up")
+    m.replica_ejected("teacher")
+    assert value(m, "dual_vllm_upstream_retries_total", upstream="base", reason="reset") == 1
+    assert (
+        value(m, "dual_vllm_upstream_retries_total", upstream="teacher", reason="server_error") == 1
+    )
+    assert value(m, "dual_vllm_upstream_retries_total", upstream="teacher", reason="other") == 1
+    assert value(m, "dual_vllm_upstream_replica_ejections_total", upstream="teacher") == 1
+
+
 def test_upstream_calls_and_error_kinds() -> None:
     m = Metrics()
     m.upstream_call("base", 0.004, None)

@@ -57,8 +57,17 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str | None]] = []
 
+        self.retries: list[tuple[str, str]] = []
+        self.ejected: list[str] = []
+
     def upstream_call(self, upstream: str, seconds: float, error: str | None) -> None:
         self.calls.append((upstream, error))
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        self.retries.append((upstream, reason))
+
+    def replica_ejected(self, upstream: str) -> None:
+        self.ejected.append(upstream)
 
 
 @pytest.fixture(autouse=True)
@@ -185,15 +194,16 @@ async def test_not_json_is_502(mock: respx.MockRouter, client: UpstreamClient) -
 # --- error mapping and retries -------------------------------------------------------------------
 
 
-async def test_read_timeout_is_504_without_retry(
+async def test_read_timeout_is_504_after_retries(
     mock: respx.MockRouter, client: UpstreamClient, recorder: Recorder
 ) -> None:
     route = mock.post(COMPLETIONS).mock(side_effect=httpx.ReadTimeout("slow"))
     with pytest.raises(UpstreamTimeoutError) as info:
         await client.topk([1], 2)
     assert info.value.status == 504
-    assert route.call_count == 1
-    assert recorder.calls == [("teacher", "timeout")]
+    assert route.call_count == 3  # a probe is idempotent: timeouts are retried too
+    assert recorder.calls == [("teacher", "timeout")] * 3
+    assert recorder.retries == [("teacher", "timeout")] * 2
 
 
 async def test_connect_error_is_retried_then_503(
@@ -237,15 +247,23 @@ async def test_503_beyond_retries(mock: respx.MockRouter, client: UpstreamClient
 
 
 @pytest.mark.parametrize("status", [500, 502, 504])
-async def test_other_5xx_is_502_without_retry(
-    mock: respx.MockRouter, client: UpstreamClient, status: int
+async def test_other_5xx_is_502_after_retries(
+    mock: respx.MockRouter, client: UpstreamClient, recorder: Recorder, status: int
 ) -> None:
     route = mock.post(COMPLETIONS).mock(return_value=vllm_error(status, "engine died"))
     with pytest.raises(UpstreamError, match=f"upstream error \\({status}\\): engine died") as info:
         await client.topk([1], 2)
     assert type(info.value) is UpstreamError
     assert info.value.status == 502
-    assert route.call_count == 1
+    assert route.call_count == 3
+    assert recorder.retries == [("teacher", "server_error")] * 2
+
+
+async def test_500_then_success(mock: respx.MockRouter, client: UpstreamClient) -> None:
+    ok = httpx.Response(200, json=completion({"token_id:5": -0.1}))
+    route = mock.post(COMPLETIONS).mock(side_effect=[vllm_error(500, "oops"), ok])
+    assert list(await client.topk([1], 2)) == [5]
+    assert route.call_count == 2
 
 
 async def test_4xx_keeps_the_upstream_message(
@@ -278,12 +296,61 @@ async def test_4xx_message_shapes(
         await client.topk([1], 2)
 
 
-async def test_broken_connection_is_502(mock: respx.MockRouter, client: UpstreamClient) -> None:
+async def test_broken_connection_is_502_after_retries(
+    mock: respx.MockRouter, client: UpstreamClient, recorder: Recorder
+) -> None:
     route = mock.post(COMPLETIONS).mock(side_effect=httpx.RemoteProtocolError("eof"))
     with pytest.raises(UpstreamError) as info:
         await client.topk([1], 2)
     assert type(info.value) is UpstreamError
-    assert route.call_count == 1
+    assert route.call_count == 3
+    assert recorder.retries == [("teacher", "reset")] * 2
+
+
+async def test_retry_deadline_stops_retrying(
+    mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream_module, "_RETRY_BASE_SECONDS", 1.0)
+    route = mock.post(COMPLETIONS).mock(return_value=vllm_error(500, "down"))
+    settings = make_settings(upstream_retries=5, upstream_retry_deadline=0.2)
+    async with UpstreamClient("teacher", [URL], settings) as c:
+        with pytest.raises(UpstreamError):
+            await c.topk([1], 2)
+    assert route.call_count == 1  # the first backoff (>= 0.5 s) would pass the deadline
+
+
+def test_backoff_has_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_module, "_RETRY_BASE_SECONDS", 0.1)
+    delays = {upstream_module._backoff(3) for _ in range(20)}
+    assert len(delays) > 1
+    assert all(0.4 <= d <= 0.8 for d in delays)
+
+
+async def test_error_messages_never_name_the_url(mock: respx.MockRouter) -> None:
+    secret = "http://user:hunter2@r0.test"
+    mock.post("http://user:hunter2@r0.test/v1/completions").mock(
+        side_effect=httpx.ConnectError("refused")
+    )
+    async with UpstreamClient("base", [secret], make_settings(upstream_retries=0)) as c:
+        with pytest.raises(UpstreamUnavailableError) as info:
+            await c.topk([1], 2)
+    assert "r0.test" not in info.value.message
+    assert "hunter2" not in info.value.message
+    assert info.value.message.startswith("base upstream is unreachable")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@host:8000/v1", "http://user:***@host:8000/v1"),
+        ("https://token@host", "https://***@host"),
+        ("http://host:8000", "http://host:8000"),
+        ("http://host/a@b", "http://host/a@b"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert upstream_module.redact_url(url) == shown
 
 
 async def test_no_retries_when_disabled(mock: respx.MockRouter) -> None:
@@ -458,8 +525,39 @@ async def test_health(mock: respx.MockRouter) -> None:
     bad = mock.get("http://r1.test/health").mock(side_effect=httpx.ConnectError("down"))
     async with UpstreamClient("base", ["http://r0.test"], make_settings()) as c:
         assert await c.health() is True
+    # One replica answering is enough (the dead one is ejected, not fatal).
     async with UpstreamClient("base", ["http://r0.test", "http://r1.test"], make_settings()) as c:
+        assert await c.health() is True
+        assert c.healthy() == ["http://r0.test"]
+    async with UpstreamClient("base", ["http://r1.test"], make_settings()) as c:
         assert await c.health() is False
     assert ok.call_count == 2
-    assert bad.call_count == 1
+    assert bad.call_count == 2
     assert await UpstreamClient("base", ["http://r0.test"], make_settings()).health() is False
+
+
+async def test_discover_skips_a_dead_replica_and_asks_each_replica_itself(
+    mock: respx.MockRouter,
+) -> None:
+    mock.get("http://r0.test/v1/models").respond(json=models_body(("m", 4096)))
+    dead = mock.get("http://r1.test/v1/models").mock(side_effect=httpx.ConnectError("down"))
+    urls = ["http://r0.test", "http://r1.test"]
+    async with UpstreamClient("base", urls, make_settings(upstream_retries=1)) as c:
+        info = await c.discover()
+        assert info.max_model_len == 4096
+        assert dead.call_count == 2  # retried on itself, not answered by r0
+        assert c.healthy() == ["http://r0.test"]
+        assert c.replica(1) == "http://r0.test"  # its sequences go to r0 meanwhile
+
+
+async def test_a_retry_moves_to_another_replica(mock: respx.MockRouter) -> None:
+    ok = completion({"token_id:5": -0.1})
+    r0 = mock.post("http://r0.test/v1/completions").mock(side_effect=httpx.ConnectError("x"))
+    r1 = mock.post("http://r1.test/v1/completions").respond(json=ok)
+    urls = ["http://r0.test", "http://r1.test"]
+    async with UpstreamClient("base", urls, make_settings(upstream_retries=1)) as c:
+        assert list(await c.topk([1], 2, affinity=0)) == [5]
+        assert (r0.call_count, r1.call_count) == (1, 1)
+        # r0 is ejected: the next probe of the same sequence goes to r1 directly.
+        await c.topk([1], 2, affinity=0)
+        assert (r0.call_count, r1.call_count) == (1, 2)

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import socket
 import threading
 import time
@@ -48,7 +49,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 # --- the tokenizer -------------------------------------------------------------------------
 
@@ -237,6 +238,20 @@ class Faults:
     tokenizer_info: bool = True  # False: /tokenizer_info is 404 (endpoint not enabled)
     tokenize_shift: int = 0  # /tokenize ids shifted: this instance's tokenizer "differs"
     models_status: int = 200  # /v1/models status
+    # A random fraction of /v1/completions calls fails (seeded by `fail_seed`): with a 500, or
+    # with a reset connection (in process: httpx.ReadError; over uvicorn the app raises, so the
+    # client sees a 500), or either ("mixed").
+    fail_fraction: float = 0.0
+    fail_kind: Literal["500", "reset", "mixed"] = "500"
+    down: bool = False  # every endpoint refuses the connection (a killed replica)
+
+
+class ConnectionReset(Exception):
+    """Raised by a fake to drop the connection (`pair_transport` maps it to httpx.ReadError)."""
+
+
+class ConnectionRefused(Exception):
+    """Raised by a fake that is `down` (`pair_transport` maps it to httpx.ConnectError)."""
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -279,7 +294,9 @@ class FakeVLLM:
         self.max_in_flight = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
         self.chat_tokenize_bodies: deque[dict[str, Any]] = deque(maxlen=100)
-        self.app: ASGIApp = Starlette(
+        self.failures_injected = 0
+        self._random = random.Random(0)
+        self.routes: ASGIApp = Starlette(
             routes=[
                 Route("/health", self._health, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
@@ -289,6 +306,11 @@ class FakeVLLM:
                 Route("/tokenizer_info", self._tokenizer_info, methods=["GET"]),
             ]
         )
+
+        self.app: ASGIApp = _Switch(self)  # the fake's ASGI application
+
+    def seed_failures(self, seed: int) -> None:
+        self._random = random.Random(seed)
 
     # --- the model ---------------------------------------------------------------------------
 
@@ -400,6 +422,15 @@ class FakeVLLM:
             self.max_prompts_in_flight = max(self.max_prompts_in_flight, self.prompts_in_flight)
             if self.faults.latency > 0:
                 await asyncio.sleep(self.faults.latency)
+            f = self.faults
+            if f.fail_fraction > 0 and self._random.random() < f.fail_fraction:
+                self.failures_injected += 1
+                kind = f.fail_kind
+                if kind == "mixed":
+                    kind = self._random.choice(("500", "reset"))
+                if kind == "reset":
+                    raise ConnectionReset(f"fake {self.role} dropped the connection")
+                return _error(500, "injected random failure")
             response = self._complete(body, index)
             self.completions_finished += 1
             return response
@@ -538,6 +569,19 @@ class FakeVLLM:
         }
 
 
+class _Switch:
+    """A fake's ASGI application: its routes, unless the fake is `down` (every connection is
+    refused). A class with an async `__call__`, so uvicorn sees an ASGI 3 application."""
+
+    def __init__(self, fake: FakeVLLM) -> None:
+        self._fake = fake
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._fake.faults.down:
+            raise ConnectionRefused(f"fake {self._fake.role} is down")
+        await self._fake.routes(scope, receive, send)
+
+
 def batch_prompts(body: Mapping[str, Any]) -> list[Any]:
     """The prompts of a completions body: vLLM's batch form (a list of token-id lists or of
     strings) is one prompt each, answered by one choice each (index = position); one bad prompt
@@ -592,7 +636,12 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
         transport = self._transports.get(origin)
         if transport is None:
             raise httpx.ConnectError(f"no fake at {origin}", request=request)
-        return await transport.handle_async_request(request)
+        try:
+            return await transport.handle_async_request(request)
+        except ConnectionReset as exc:
+            raise httpx.ReadError(str(exc), request=request) from exc
+        except ConnectionRefused as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
 
 
 @contextlib.contextmanager
@@ -602,12 +651,13 @@ def serve(
     host: str = "127.0.0.1",
     timeout: float = 10.0,
     lifespan: Literal["on", "off"] = "off",
+    port: int = 0,
 ) -> Iterator[str]:
-    """Serve `app` with a real uvicorn on a free port in a background thread; yields its URL.
-    `lifespan="on"` for the gateway (its clients are built in the lifespan)."""
+    """Serve `app` with a real uvicorn on a free port (or `port`) in a background thread;
+    yields its URL. `lifespan="on"` for the gateway (its clients are built in the lifespan)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
