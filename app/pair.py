@@ -30,11 +30,12 @@ import httpx
 from app.detok import Decoder, IncrementalText, LocalDecoder, RemoteDecoder
 from app.errors import UpstreamError, UpstreamRejectedError, UpstreamUnavailableError
 from app.generation import Observer
+from app.replicas import redact_url
 from app.sampling import topk_from_mapping
 from app.sampling.types import SamplingError, TopK
 from app.settings import Settings
 from app.tasks import both, task_group
-from app.upstream import ModelInfo, StartupError, UpstreamClient, redact_url
+from app.upstream import ModelInfo, StartupError, UpstreamClient
 
 log = logging.getLogger(__name__)
 

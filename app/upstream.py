@@ -56,6 +56,7 @@ from app.errors import (
     UpstreamUnavailableError,
 )
 from app.probes import ProbeBatcher, parse_batch, parse_top_logprobs
+from app.replicas import ReplicaPool, redact_url
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,21 +104,6 @@ def _error_label(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamRejectedError):
         return "rejected"
     return "bad_response"
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password (or a lone user-info token) replaced by `***`, for logs:
-    `http://user:secret@host` -> `http://user:***@host`, `http://token@host` -> `http://***@host`."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    masked = f"{user}:***" if colon else "***"
-    return f"{scheme}://{masked}@{host}{slash}{tail}"
 
 
 def _retry_reason(exc: UpstreamError) -> str | None:
@@ -185,9 +171,7 @@ class UpstreamClient:
         self._observer = observer
         self._client: httpx.AsyncClient | None = None
         self._batchers: dict[str, ProbeBatcher] = {}  # by replica URL
-        self._ejected: dict[str, float] = {}  # replica URL -> when its ejection ends
-        self._failures: dict[str, int] = {}  # replica URL -> consecutive failures
-        self._pool_tasks: set[asyncio.Task[None]] = set()
+        self.pool = ReplicaPool(name, self.urls, settings, self._healthy, observer=observer)
         self.info: ModelInfo | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -222,11 +206,7 @@ class UpstreamClient:
         )
 
     async def aclose(self) -> None:
-        tasks, self._pool_tasks = list(self._pool_tasks), set()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self.pool.aclose()
         batchers, self._batchers = list(self._batchers.values()), {}
         for batcher in batchers:
             await batcher.aclose()
@@ -242,85 +222,12 @@ class UpstreamClient:
         await self.aclose()
 
     def replica(self, affinity: int = 0) -> str:
-        """The replica for an affinity key: `urls[affinity % n]` (one sequence's prefix cache
-        stays warm) unless it is ejected, then the next healthy one; when every replica is
-        ejected, the preferred one (a call is never refused here)."""
-        n = len(self.urls)
-        first = affinity % n
-        if not self._ejected:
-            return self.urls[first]
-        for offset in range(n):
-            url = self.urls[(first + offset) % n]
-            if url not in self._ejected:
-                return url
-        return self.urls[first]
+        """The replica for an affinity key (app/replicas.py)."""
+        return self.pool.choose(affinity)
 
     def healthy(self) -> list[str]:
         """The replicas not ejected now."""
-        return [url for url in self.urls if url not in self._ejected]
-
-    def _next_replica(self, url: str) -> str:
-        """Another replica than `url` for a retry: the next healthy one, else the next one."""
-        n = len(self.urls)
-        if n == 1:
-            return url
-        at = self.urls.index(url) if url in self.urls else 0
-        others = [self.urls[(at + i) % n] for i in range(1, n)]
-        return next((u for u in others if u not in self._ejected), others[0])
-
-    # --- the replica pool --------------------------------------------------------------------
-
-    def _succeeded(self, url: str) -> None:
-        if self._failures.pop(url, None) is not None and url in self._ejected:
-            self._reinstate(url)
-
-    def _failed(self, url: str, reason: str) -> None:
-        """A retryable failure of `url`: eject it (backoff doubling per consecutive failure)
-        and probe it back in through /health."""
-        if url not in self.urls:
-            return
-        failures = self._failures[url] = self._failures.get(url, 0) + 1
-        if url in self._ejected:
-            return
-        s = self._settings
-        backoff = min(s.replica_eject_seconds * 2 ** (failures - 1), s.replica_eject_max_seconds)
-        self._ejected[url] = time.monotonic() + backoff
-        log.warning(
-            "%s replica %s ejected for %.1fs after a failure (%s)",
-            self.name,
-            redact_url(url),
-            backoff,
-            reason,
-        )
-        if self._observer is not None:
-            hook = getattr(self._observer, "replica_ejected", None)
-            if hook is not None:
-                hook(self.name)
-        task = asyncio.get_running_loop().create_task(self._probe_back(url))
-        self._pool_tasks.add(task)
-        task.add_done_callback(self._pool_tasks.discard)
-
-    def _reinstate(self, url: str) -> None:
-        self._ejected.pop(url, None)
-        self._failures.pop(url, None)
-        log.info("%s replica %s is back in the pool", self.name, redact_url(url))
-
-    async def _probe_back(self, url: str) -> None:
-        """Wait out the ejection, then take the replica back when /health answers 200; each
-        failed check doubles the wait (bounded)."""
-        s = self._settings
-        while url in self._ejected:
-            await asyncio.sleep(max(self._ejected[url] - time.monotonic(), 0.0))
-            if url not in self._ejected:
-                return
-            if await self._healthy(url):
-                self._reinstate(url)
-                return
-            failures = self._failures[url] = self._failures.get(url, 0) + 1
-            backoff = min(
-                s.replica_eject_seconds * 2 ** (failures - 1), s.replica_eject_max_seconds
-            )
-            self._ejected[url] = time.monotonic() + backoff
+        return self.pool.healthy()
 
     async def _healthy(self, url: str) -> bool:
         client = self._client
@@ -362,11 +269,11 @@ class UpstreamClient:
                 reason = _retry_reason(exc)
                 if reason is None:
                     raise
-                self._failed(replica, reason)
+                self.pool.failed(replica, reason)
                 delay = _backoff(attempt)
                 if attempt >= retries or time.monotonic() + delay > deadline:
                     raise
-                following = replica if pinned else self._next_replica(replica)
+                following = replica if pinned else self.pool.next(replica)
                 log.warning(
                     "%s upstream %s %s failed (%s: %s); retry %d/%d on %s in %.2fs",
                     self.name,
@@ -385,7 +292,7 @@ class UpstreamClient:
                 attempt += 1
                 continue
             self._observe(started, None)
-            self._succeeded(replica)
+            self.pool.succeeded(replica)
             return response
 
     async def _send(
@@ -534,10 +441,9 @@ class UpstreamClient:
             tasks = [group.create_task(self._healthy(url)) for url in self.urls]
         for url, task in zip(self.urls, tasks, strict=True):
             if task.result():
-                if url in self._ejected:
-                    self._reinstate(url)
+                self.pool.answered(url)
             else:
-                self._failed(url, "health")
+                self.pool.failed(url, "health")
         return any(task.result() for task in tasks)
 
     async def discover(self) -> ModelInfo:

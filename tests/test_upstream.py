@@ -18,6 +18,7 @@ from app.errors import (
     UpstreamUnavailableError,
 )
 from app.probes import parse_top_logprobs
+from app.replicas import redact_url
 from app.settings import Settings
 from app.upstream import ModelInfo, StartupError, UpstreamClient
 
@@ -350,7 +351,7 @@ async def test_error_messages_never_name_the_url(mock: respx.MockRouter) -> None
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
-    assert upstream_module.redact_url(url) == shown
+    assert redact_url(url) == shown
 
 
 async def test_no_retries_when_disabled(mock: respx.MockRouter) -> None:
