@@ -384,7 +384,8 @@ def test_vllm_dashboard_expressions_with_real_vllm(
         serve(create_app(settings), timeout=120, lifespan="on") as gateway,
         run_prometheus(tmp_path, gateway, (vllm_job,)) as prom,
     ):
-        assert wait_for(prom, 'up{job="vllm"} == 1', timeout=30) == [1.0, 1.0]
+        # Both servers scraped and up (the two targets' first scrapes land at different times).
+        assert wait_for(prom, 'count(up{job="vllm"} == 1) == 2', timeout=30) == [2.0]
         with httpx.Client(base_url=gateway, timeout=120) as client:
             # Traffic for the vLLM row: two answered requests (this test is about the panels;
             # a request the busy shared pair fails once is retried, and reported if it keeps
