@@ -8,7 +8,7 @@ shutdown").
 - **draining**: SIGTERM arrived (app/server.py). New generation requests get a 503, `/ready` is
   503, requests in flight may finish within `Settings.shutdown_grace` seconds; at that deadline
   `cut` is set and every stream still running ends with an error frame and `[DONE]`
-  (`until_cut`).
+  (`cut_frames`, through app/streaming.py's `with_keepalive`).
 
 `Lifecycle` also counts the generation requests in flight (app/main.py's admission middleware
 enters and leaves it), so the drain knows when the last one has finished.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Literal
 
 from app.errors import GATEWAY_DRAINING, GATEWAY_STARTING, ErrorKind, error_body
@@ -90,41 +90,8 @@ class Lifecycle:
         return False
 
 
-async def until_cut(
-    frames: AsyncIterator[bytes], cut: asyncio.Event, set_outcome: Callable[[str], None]
-) -> AsyncIterator[bytes]:
-    """`frames` until `cut` is set; then an error frame and `[DONE]` (the generation behind
-    `frames` is cancelled)."""
-    pending: asyncio.Task[bytes] | None = None
-    waiter = asyncio.ensure_future(cut.wait())
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(frames))
-            await asyncio.wait({pending, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if pending.done():
-                try:
-                    data = pending.result()
-                except StopAsyncIteration:
-                    return
-                pending = None
-                yield data
-                continue
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-            pending = None
-            set_outcome("cancelled")
-            yield frame(error_body(CUT_MESSAGE, GATEWAY_DRAINING))
-            yield DONE
-            return
-    finally:
-        waiter.cancel()
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        aclose = getattr(frames, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+def cut_frames(set_outcome: Callable[[str], None]) -> list[bytes]:
+    """The end of a stream cut at the drain deadline (`streaming.with_keepalive`'s `on_cut`):
+    outcome "cancelled", an error frame, `[DONE]`."""
+    set_outcome("cancelled")
+    return [frame(error_body(CUT_MESSAGE, GATEWAY_DRAINING)), DONE]

@@ -35,7 +35,7 @@ from app.generation import (
     GenerationParams,
 )
 from app.inputcheck import check_values
-from app.lifecycle import Lifecycle, until_cut
+from app.lifecycle import Lifecycle, cut_frames
 from app.render import ChatRenderer, CompletionRenderer, Renderer, RenderOptions
 from app.settings import Settings
 from app.streaming import TokenTexts
@@ -283,12 +283,11 @@ async def _stream(
         await frames.aclose()
         return Response(status_code=499)
     return StreamingResponse(
-        until_cut(
-            streaming.with_keepalive(
-                streaming.prepend(first, frames), state.settings.stream_keepalive_seconds
-            ),
-            state.lifecycle.cut,
-            functools.partial(set_outcome, request),
+        streaming.with_keepalive(
+            streaming.prepend(first, frames),
+            state.settings.stream_keepalive_seconds,
+            cut=state.lifecycle.cut,
+            on_cut=functools.partial(cut_frames, functools.partial(set_outcome, request)),
         ),
         media_type="text/event-stream",
         headers=streaming.SSE_HEADERS,

@@ -140,28 +140,48 @@ async def event_frames(
     yield DONE
 
 
-async def with_keepalive(frames: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
-    """`frames`, plus a comment frame whenever none came for `interval` seconds.
+async def with_keepalive(
+    frames: AsyncIterator[bytes],
+    interval: float,
+    *,
+    cut: asyncio.Event | None = None,
+    on_cut: Callable[[], Sequence[bytes]] = tuple,
+) -> AsyncIterator[bytes]:
+    """`frames`, plus a comment frame whenever none came for `interval` seconds; when `cut`
+    is set (the drain deadline, app/lifecycle.py), the generation is cancelled and the frames
+    `on_cut()` returns (an error frame and [DONE]) end the stream.
 
     The pending `anext` runs as its own task and survives a keep-alive timeout (cancelling it
     would cancel the generation); closing this iterator cancels it, which cancels the request's
     upstream work."""
     pending: asyncio.Task[bytes] | None = None
+    waiter = asyncio.ensure_future(cut.wait()) if cut is not None else None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(frames))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield KEEPALIVE
-                continue
-            try:
-                data = pending.result()
-            except StopAsyncIteration:
+            waiting = {pending} if waiter is None else {pending, waiter}
+            await asyncio.wait(waiting, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            if pending.done():
+                try:
+                    data = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield data
+            elif waiter is not None and waiter.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+                pending = None
+                for data in on_cut():
+                    yield data
                 return
-            pending = None
-            yield data
+            else:
+                yield KEEPALIVE
     finally:
+        if waiter is not None:
+            waiter.cancel()
         if pending is not None:
             if not pending.done():
                 pending.cancel()
