@@ -220,7 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's API key (default: $DUAL_VLLM_API_KEY, else $OPENAI_API_KEY)",
     )
 
-    up = parser.add_argument_group("upstreams (default: DUAL_VLLM_* environment)")
+    add_upstream_arguments(parser, "upstreams (default: DUAL_VLLM_* environment)")
+
+
+def add_upstream_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    """--base-url, --teacher-url, --base-model, --teacher-model (read by settings_from_args)."""
+    up = parser.add_argument_group(title)
     up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
     up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
     up.add_argument("--base-model", help="the base server's model name (default: asked of it)")

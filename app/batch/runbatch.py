@@ -294,7 +294,7 @@ async def run_batch(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from app.batch.cli import HelpFormatter, positive_int
+    from app.batch.cli import HelpFormatter, add_upstream_arguments, positive_int
 
     parser.formatter_class = HelpFormatter
     parser.description = (
@@ -322,13 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fsync-interval", type=float, default=1.0, help="seconds between fsyncs of the store"
     )
-    up = parser.add_argument_group("upstreams (default: the DUAL_VLLM_* environment, as `serve`)")
-    up.add_argument("--base-url", help="base vLLM server(s), comma-separated")
-    up.add_argument("--teacher-url", help="teacher vLLM server(s), comma-separated")
-    up.add_argument("--base-model", help="the base server's model name (default: asked of it)")
-    up.add_argument(
-        "--teacher-model", help="the teacher server's model name (default: asked of it)"
-    )
+    add_upstream_arguments(parser, "upstreams (default: the DUAL_VLLM_* environment, as `serve`)")
 
 
 def _fail(message: str, code: int) -> int:
