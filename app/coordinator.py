@@ -41,12 +41,10 @@ import logging
 import time
 import zlib
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 
-from app.detok import IncrementalText
 from app.diagnostics import summary as diagnostics_summary
 from app.generation import (
     MAX_LOGPROBS,
@@ -65,8 +63,8 @@ from app.generation import (
 from app.pair import UpstreamPair
 from app.plan import Plan, check_request, make_plan
 from app.prompts import PromptBuilder, PromptInput, render_base_chat
-from app.sampling import make_generators, mix_step, top_logprobs, warm_up
-from app.sampling.shaping import History, shapes
+from app.rounds import RoundPolicy, SequenceState, plain_step, speculative_round
+from app.sampling import make_generators, top_logprobs, warm_up
 from app.sampling.types import StepResult
 from app.settings import Settings
 from app.tasks import cancel, task_group
@@ -102,26 +100,6 @@ Emit = Callable[[Event], None]
 def _affinity(prompt: Sequence[int], sample_index: int) -> int:
     """A stable replica key per sequence: same prompt and sample index, same replica."""
     return zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes()) + sample_index
-
-
-@dataclass(slots=True)
-class _Sequence:
-    index: int
-    prompt_tokens: int
-    teacher_ctx: list[int]
-    base_ctx: list[int]
-    budget: int  # most tokens this sequence may generate (max_tokens and the context)
-    rng: np.random.Generator
-    affinity: int
-    text: TextRelease
-    decoded: IncrementalText  # the text of text_ids, decoding only recent ids
-    generated: list[int] = field(default_factory=list)
-    text_ids: list[int] = field(default_factory=list)  # generated ids that contribute text
-    last_text: str = ""  # their text as last detokenized (incremental only; cut at a stop)
-    alpha: float | None = None  # the last step's α: the solver's warm start
-    prompt_ids: frozenset[int] = frozenset()  # the teacher prompt's ids (repetition_penalty)
-    counts: dict[int, int] = field(default_factory=dict)  # generated id -> times (penalties)
-    stop_floor: int = 0  # a stop string must end after this offset (the min_tokens tokens' text)
 
 
 class Coordinator:
@@ -285,7 +263,8 @@ class Coordinator:
             self.models["base"].max_model_len - len(prompt.base),
         )
         max_tokens = plan.params.max_tokens
-        seq = _Sequence(
+        spec = plan.params.speculative
+        seq = SequenceState(
             index=index,
             prompt_tokens=len(prompt.teacher),
             teacher_ctx=list(prompt.teacher),
@@ -296,41 +275,26 @@ class Coordinator:
             text=TextRelease(plan.stops, include_stop=plan.params.include_stop_str_in_output),
             decoded=self.pair.incremental_text(),
             prompt_ids=frozenset(prompt.teacher),
+            policy=None if spec is None else RoundPolicy(spec, index=index),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)
 
-    async def _step(self, plan: Plan, seq: _Sequence) -> list[StepResult]:
-        """One step of one sequence: both upstreams' top-K in parallel, then the math.
-
-        Returns the tokens it produced (one today; a speculative round of docs/ALGORITHM.md §8 or a
-        certified-support refetch of §9 would grow here, returning several or recomputing).
-        """
+    async def _step(self, plan: Plan, seq: SequenceState) -> list[StepResult]:
+        """One step of one sequence (app/rounds.py): a token-by-token step, or a speculative
+        round of docs/ALGORITHM.md §8 (several tokens)."""
         started = time.perf_counter()
-        base, teacher = await self.pair.probe(seq.base_ctx, seq.teacher_ctx, plan.k, seq.affinity)
-        result = mix_step(
-            base,
-            teacher,
-            plan.params.mixing,
-            first_token=not seq.generated,
-            rng=seq.rng,
-            alpha_hint=seq.alpha,
-            history=self._history(plan, seq),
-        )
+        if seq.policy is None:
+            results = [await plain_step(self.pair, plan, seq)]
+        else:
+            results = await speculative_round(self.pair, plan, seq, seq.policy)
         if self.observer is not None:
-            self.observer.step(result, time.perf_counter() - started)
-        return [result]
+            seconds = (time.perf_counter() - started) / len(results)
+            for result in results:
+                self.observer.step(result, seconds)
+        return results
 
-    @staticmethod
-    def _history(plan: Plan, seq: _Sequence) -> History | None:
-        """What docs/ALGORITHM.md §5a's penalties and min_tokens read; None when the request
-        sets none of them (the step is then the kernel's alone)."""
-        held = plan.held_ids if len(seq.generated) < plan.params.min_tokens else frozenset()
-        if not held and not shapes(plan.params.mixing):
-            return None
-        return History(prompt=seq.prompt_ids, counts=seq.counts, held=held)
-
-    async def _generate(self, plan: Plan, seq: _Sequence, emit: Emit) -> None:
+    async def _generate(self, plan: Plan, seq: SequenceState, emit: Emit) -> None:
         # The next step is prefetched while this token is detokenized, as a plain task rather
         # than in a TaskGroup: its failure must surface only when it is awaited, after the
         # token already sampled has been emitted (a sibling failing in a TaskGroup would cancel
@@ -374,7 +338,7 @@ class Coordinator:
 
     @staticmethod
     def _accept(
-        plan: Plan, seq: _Sequence, result: StepResult
+        plan: Plan, seq: SequenceState, result: StepResult
     ) -> tuple[FinishReason | None, int | str | None, bool]:
         """Append the sampled id; the stop rules decided by the id alone: (finish reason,
         stop reason, whether the id contributes text)."""
@@ -402,7 +366,7 @@ class Coordinator:
         return finish, stop_reason, adds_text
 
     @staticmethod
-    def _token_event(plan: Plan, seq: _Sequence, result: StepResult, text: str) -> TokenEvent:
+    def _token_event(plan: Plan, seq: SequenceState, result: StepResult, text: str) -> TokenEvent:
         n = plan.params.logprobs
         return TokenEvent(
             index=seq.index,
@@ -415,7 +379,7 @@ class Coordinator:
     async def _finish(
         self,
         plan: Plan,
-        seq: _Sequence,
+        seq: SequenceState,
         finish: FinishReason,
         stop_reason: int | str | None,
         emit: Emit,

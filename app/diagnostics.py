@@ -2,9 +2,20 @@
 and the per-token columns. One module, so the HTTP responses, the batch records, the progress
 bar and the report count the same things the same way.
 
-Definitions (docs/ALGORITHM.md §5-6): `alpha_mean` is the mean α over the steps that have one
-(`single_token` steps have none); `fallback_rate` is the share of steps whose reason is
+Definitions (docs/ALGORITHM.md §5-6, §8): `alpha_mean` is the mean α over the steps that have
+one (`single_token` steps have none); `fallback_rate` is the share of steps whose reason is
 "unstable" (the stability check sent the step to the teacher, rule 3).
+
+Speculative rounds (§8): a token's `draft` is null (a token-by-token step), "accepted" (a
+drafted token kept), "resampled" (drawn from the residual after a draft was rejected: it ends
+its round) or "bonus" (drawn from q after every draft of the round was kept: it ends its
+round). `acceptance_rate` = accepted / (accepted + resampled), null when no draft was judged;
+`tokens_per_round` = tokens made in rounds / rounds (a round that ends at a stop ends on an
+"accepted" token), null without rounds; `requests_per_token` = the upstream requests this
+choice asked for per token: 2 per token-by-token step (one per upstream), 2 per round (the
+draft and one batched scoring request). Requests that several choices share through probe
+coalescing (app/probes.py) count once for each: the gateway's own request counter
+(`dual_vllm_upstream_request_duration_seconds_count`) gives the shared figure.
 """
 
 from __future__ import annotations
@@ -14,7 +25,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from app.sampling.types import StepResult
+from app.sampling.types import (
+    DRAFT_ACCEPTED,
+    DRAFT_BONUS,
+    DRAFT_NAMES,
+    DRAFT_NONE,
+    DRAFT_RESAMPLED,
+    StepResult,
+)
 
 # The per-token columns of the API's `diagnostics` object, in its order (StepResult fields).
 API_COLUMNS: tuple[str, ...] = (
@@ -27,18 +45,28 @@ API_COLUMNS: tuple[str, ...] = (
     "kl_gap",
     "chernoff",
     "filled_mass",
+    "draft",
 )
 
 
 def summary(steps: Sequence[StepResult]) -> dict[str, float | int | None]:
-    """The API's `diagnostics.summary`: alpha_mean (None if no step has an α), fallback_rate
-    and the number of tokens."""
+    """The API's `diagnostics.summary`: alpha_mean (None if no step has an α), fallback_rate,
+    the number of tokens, and the speculative rounds' figures (module docstring)."""
     alphas = [s.alpha for s in steps if s.alpha is not None]
     unstable = sum(1 for s in steps if s.reason == "unstable")
+    drafts = Counter(s.draft for s in steps)
+    judged = drafts[DRAFT_ACCEPTED] + drafts[DRAFT_RESAMPLED]
+    rounds = drafts[DRAFT_RESAMPLED] + drafts[DRAFT_BONUS]
+    if steps and steps[-1].draft == DRAFT_ACCEPTED:  # the last round ended at a stop
+        rounds += 1
+    in_rounds = len(steps) - drafts[DRAFT_NONE]
     return {
         "alpha_mean": math.fsum(alphas) / len(alphas) if alphas else None,
         "fallback_rate": unstable / len(steps) if steps else 0.0,
         "tokens": len(steps),
+        "acceptance_rate": drafts[DRAFT_ACCEPTED] / judged if judged else None,
+        "tokens_per_round": in_rounds / rounds if rounds else None,
+        "requests_per_token": 2 * (drafts[DRAFT_NONE] + rounds) / len(steps) if steps else None,
     }
 
 
@@ -77,4 +105,5 @@ def token_columns(steps: Sequence[StepResult]) -> dict[str, list[Any]]:
         "chernoff": [s.chernoff for s in steps],
         "support_size": [s.support_size for s in steps],
         "filled_mass": [s.filled_mass for s in steps],
+        "draft": [DRAFT_NAMES[s.draft] for s in steps],
     }

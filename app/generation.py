@@ -46,6 +46,19 @@ class ChatTemplate:
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # vLLM's chat_template_kwargs
 
 
+Drafter = Literal["auto", "base", "teacher"]
+MAX_DRAFT_TOKENS = 16  # the largest k of a speculative round
+
+
+@dataclass(frozen=True, slots=True)
+class Speculative:
+    """Speculative rounds (docs/ALGORITHM.md §8): `k` drafted tokens per round (None: adapted
+    to the observed acceptance) and who drafts ("auto": the model closer to q)."""
+
+    k: int | None = None
+    drafter: Drafter = "auto"
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
     """Everything about how to generate, independent of the wire format."""
@@ -63,6 +76,7 @@ class GenerationParams:
     logprobs: int | None = None  # top-N of q per token (N <= 20), None = off
     top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
     mixing: MixConfig = field(default_factory=MixConfig)
+    speculative: Speculative | None = None  # None: token by token
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from app.sampling.types import REASONS, StepResult
+from app.sampling.types import DRAFT_NAMES, REASONS, StepResult
 from app.version import version
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ OUTCOMES: Final = (
     "unavailable",  # refused while the gateway was starting or draining (app/lifecycle.py)
 )
 UPSTREAMS: Final = ("base", "teacher")
+DRAFTS: Final = ("accepted", "resampled", "bonus")
 # Upstream error kinds follow the error table (app/errors.py): timeout -> 504, unavailable
 # (connect error / 503) -> 503, bad_response (other 5xx, malformed body) -> 502, rejected (4xx).
 ERROR_KINDS: Final = ("timeout", "unavailable", "bad_response", "rejected", "other")
@@ -280,6 +281,15 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._drafts = Counter(
+            _name("speculative_tokens"),
+            "Tokens made in speculative rounds (docs/ALGORITHM.md §8): accepted drafts, tokens "
+            "drawn from the residual after a rejection, bonus tokens after a fully accepted "
+            "round. Acceptance = accepted / (accepted + resampled); tokens per round = all / "
+            "(resampled + bonus).",
+            ["draft"],
+            registry=reg,
+        )
         self._step_seconds = Histogram(
             _name("step_duration_seconds"),
             "Wall time of one mixing step: both upstream calls and the math.",
@@ -370,6 +380,8 @@ class Metrics:
         self._tokens.inc()
         self._steps.labels(_closed(result.reason, REASONS, "reason")).inc()
         self._step_seconds.observe(max(seconds, 0.0))
+        if result.draft:
+            self._drafts.labels(_closed(DRAFT_NAMES[result.draft] or "", DRAFTS, "draft")).inc()
         _observe(self._alpha, result.alpha)
         _observe(self._js, result.js)
         _observe(self._overlap, result.overlap_mass)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from app.generation import MAX_DRAFT_TOKENS, Drafter, Speculative
 from app.sampling.types import MixConfig
 
-Preset = Literal["balanced", "conservative", "explore"]
+Preset = Literal["balanced", "conservative", "explore", "fast"]
 
 # The MixConfig fields set through `mixing` (docs/ALGORITHM.md §3-5).
 MIX_OPTIONS: Final = (
@@ -60,8 +63,46 @@ PRESETS: Final[MappingProxyType[str, MappingProxyType[str, Any]]] = MappingProxy
                 "stability_check": False,
             }
         ),
+        # balanced's law, drawn in speculative rounds (SPECULATIVE_PRESETS): same output
+        # distribution, fewer upstream round trips per token.
+        "fast": MappingProxyType(_BALANCED),
     }
 )
+
+# What a preset says about speculative rounds (docs/ALGORITHM.md §8). Rounds never change the
+# output law, only its cost, so the other presets keep the server's setting.
+SPECULATIVE_PRESETS: Final[MappingProxyType[str, Speculative]] = MappingProxyType(
+    {"fast": Speculative(k=None, drafter="auto")}
+)
+
+
+class SpeculativeOptions(BaseModel):
+    """`mixing.speculative` (and DUAL_VLLM_SPECULATIVE, as JSON): `k` drafted tokens per round
+    or "auto" (adapted to the acceptance), and the drafter ("auto": the model closer to q)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_DRAFT_TOKENS)] | Literal["auto"] = Field(
+        "auto", description="drafted tokens per round, or auto"
+    )
+    drafter: Drafter = "auto"
+
+    def params(self) -> Speculative:
+        return Speculative(k=None if self.k == "auto" else self.k, drafter=self.drafter)
+
+
+def resolve_speculative(
+    default: Speculative | None,
+    preset: str | None,
+    explicit: SpeculativeOptions | None,
+    is_set: bool,
+) -> Speculative | None:
+    """The server's setting, then the preset's, then the request's (an explicit null: off)."""
+    if is_set:
+        return None if explicit is None else explicit.params()
+    if preset is not None and preset in SPECULATIVE_PRESETS:
+        return SPECULATIVE_PRESETS[preset]
+    return default
 
 
 def resolve_mixing(

@@ -275,6 +275,12 @@ class UpstreamPair:
         )
         return to_topk(base, "base"), to_topk(teacher, "teacher")
 
+    async def score_one(self, role: str, context: Sequence[int], k: int, affinity: int) -> TopK:
+        """One upstream's next-token top-K after `context` (a speculative round's scoring of a
+        drafted prefix, docs/ALGORITHM.md §8; coalesced with other probes like any probe)."""
+        client = self.base if role == "base" else self.teacher
+        return to_topk(await client.topk(context, k, affinity=affinity), role)
+
     async def detokenize(self, ids: Sequence[int]) -> str:
         """The teacher's text of `ids` (the gateway's output text; app/detok.py)."""
         return await self.decoder.decode(ids)

@@ -110,6 +110,42 @@ def parse_batch(body: Any, count: int, *, upstream: str) -> list[dict[int, float
         ) from exc
 
 
+def parse_draft(body: Any, *, upstream: str) -> list[tuple[int, dict[int, float]]]:
+    """A draft stream's chunk (docs/ALGORITHM.md §8): per generated position it carries, the
+    drafted id and the drafter's `{token_id: logprob}` view of that position (the
+    distribution it drew from). A chunk without tokens (the last one) gives none; an error
+    chunk is an upstream error."""
+    if isinstance(body, dict) and "error" in body:
+        raise UpstreamError(
+            f"{upstream} upstream failed while drafting: {body['error']}", upstream=upstream
+        )
+    try:
+        logprobs = body["choices"][0]["logprobs"] if body["choices"] else None
+        if logprobs is None:
+            return []
+        tokens = logprobs["tokens"]
+        views = logprobs["top_logprobs"]
+        if len(tokens) != len(views):
+            raise ValueError("tokens and top_logprobs differ in length")
+        if not all(token.startswith(_TOKEN_ID_PREFIX) for token in tokens):
+            raise ValueError("a token not keyed by id")
+        drafted = [int(token[len(_TOKEN_ID_PREFIX) :]) for token in tokens]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UpstreamError(
+            f"{upstream} upstream returned a malformed draft ({exc})", upstream=upstream
+        ) from exc
+    positions: list[tuple[int, dict[int, float]]] = []
+    for token_id, view in zip(drafted, views, strict=True):
+        mapping = parse_choice({"logprobs": {"top_logprobs": [view]}}, upstream=upstream)
+        if token_id not in mapping:
+            raise UpstreamError(
+                f"{upstream} upstream drafted token {token_id} without its logprob",
+                upstream=upstream,
+            )
+        positions.append((token_id, mapping))
+    return positions
+
+
 @dataclass(slots=True)
 class _Probe:
     prompt: list[int]

@@ -12,7 +12,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.options import DEFAULTS
+from app.generation import Speculative
+from app.options import DEFAULTS, SpeculativeOptions
 from app.sampling.types import MixConfig
 
 
@@ -107,6 +108,11 @@ class Settings(BaseSettings):
     js_threshold: float = Field(DEFAULTS.js_threshold, ge=0.0)
     overlap_threshold: float = Field(DEFAULTS.overlap_threshold, ge=0.0, le=1.0)
     auto_fallback: bool = DEFAULTS.auto_fallback
+    speculative: SpeculativeOptions | None = Field(
+        None,
+        description='speculative rounds by default (JSON, e.g. {"k": "auto", "drafter": '
+        '"auto"}); None = token by token',
+    )
     diagnostics: bool = False
 
     @field_validator("base_url", "teacher_url", "api_keys", mode="before")
@@ -145,6 +151,10 @@ class Settings(BaseSettings):
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(f"{name} must use only the {{content}} field: {exc}") from exc
         return self
+
+    def speculative_default(self) -> Speculative | None:
+        """The server-wide default of `mixing.speculative`."""
+        return None if self.speculative is None else self.speculative.params()
 
     def mixing_defaults(self) -> MixConfig:
         """The server-wide defaults of the per-request `mixing` options."""

@@ -50,9 +50,14 @@ async def both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T,
     return task_a.result(), task_b.result()
 
 
-async def cancel(task: asyncio.Task[Any]) -> None:
-    """Cancel `task`, wait for it to end, and retrieve its outcome (no "never retrieved" log)."""
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled():
-        task.exception()
+async def cancel(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel `tasks`, wait for them to end, and retrieve their outcomes (no "never retrieved"
+    log)."""
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()

@@ -41,7 +41,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,7 +55,7 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from app.probes import ProbeBatcher, parse_batch, parse_top_logprobs
+from app.probes import ProbeBatcher, parse_batch, parse_draft, parse_top_logprobs
 from app.replicas import ReplicaPool, redact_url
 from app.settings import Settings
 
@@ -302,25 +302,34 @@ class UpstreamClient:
         target: str,
         json: Mapping[str, Any] | None,
     ) -> httpx.Response:
-        name = self.name
         try:
             content = None if json is None else orjson.dumps(json)  # ~10x stdlib json
             response = await client.request(method, target, content=content)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise UpstreamUnavailableError(
-                f"{name} upstream is unreachable ({type(exc).__name__})", upstream=name
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(
-                f"{name} upstream did not answer in time ({type(exc).__name__})", upstream=name
-            ) from exc
         except httpx.TransportError as exc:
-            raise UpstreamError(
-                f"{name} upstream connection failed ({type(exc).__name__})", upstream=name
-            ) from exc
+            raise self._transport_error(exc) from exc
+        self._check_status(response)
+        return response
+
+    def _transport_error(self, exc: httpx.TransportError) -> UpstreamError:
+        name = self.name
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return UpstreamUnavailableError(
+                f"{name} upstream is unreachable ({type(exc).__name__})", upstream=name
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeoutError(
+                f"{name} upstream did not answer in time ({type(exc).__name__})", upstream=name
+            )
+        return UpstreamError(
+            f"{name} upstream connection failed ({type(exc).__name__})", upstream=name
+        )
+
+    def _check_status(self, response: httpx.Response) -> None:
+        """Raise the mapped error of a 4xx/5xx answer (its body must have been read)."""
+        name = self.name
         status = response.status_code
         if status < 400:
-            return response
+            return
         message = _upstream_message(response)
         if status == 503:
             raise UpstreamUnavailableError(
@@ -430,6 +439,73 @@ class UpstreamClient:
         body["prompt"] = prompts  # vLLM's batch form: one choice per prompt, in order
         response = await self._request("POST", "/v1/completions", json=body, url=url)
         return parse_batch(self._json(response), len(prompts), upstream=self.name)
+
+    async def draft(
+        self,
+        prompt: Sequence[int],
+        tokens: int,
+        k: int,
+        temperature: float,
+        *,
+        seed: int | None = None,
+        affinity: int = 0,
+    ) -> AsyncGenerator[tuple[int, dict[int, float]], None]:
+        """Sample up to `tokens` ids after `prompt` with a proposal the gateway can compute
+        (docs/ALGORITHM.md §8: temperature T, `top_k = k`, `top_p = 1`, no penalties, EOS not
+        a stop), streamed: per position as it is generated, the id and the raw top-k view it
+        was drawn from (app/probes.py `parse_draft`). Closing the iterator early closes the
+        connection, which aborts the request upstream. No retries: a round that loses its
+        draft ends early (app/rounds.py). T below 1e-5 asks for greedy decoding."""
+        client = self._client
+        if client is None:
+            raise RuntimeError(f"{self.name} upstream client used before start()")
+        body: dict[str, Any] = {
+            "prompt": list(prompt),
+            "max_tokens": tokens,
+            "logprobs": k,
+            "temperature": temperature if temperature >= 1e-5 else 0,
+            "top_k": k,
+            "top_p": 1.0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+            "stream": True,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        replica = self.replica(affinity)
+        started = time.perf_counter()
+        error: UpstreamError | None = None
+        try:
+            request = client.build_request(
+                "POST", replica + "/v1/completions", content=orjson.dumps(self._with_model(body))
+            )
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._check_status(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    for position in parse_draft(orjson.loads(line[6:]), upstream=self.name):
+                        yield position
+            finally:
+                await response.aclose()
+        except httpx.TransportError as exc:
+            error = self._transport_error(exc)
+            raise error from exc
+        except ValueError as exc:  # orjson: not JSON
+            error = self._malformed("draft stream")
+            raise error from exc
+        except UpstreamError as exc:
+            error = exc
+            raise
+        finally:
+            self._observe(started, error)
 
     async def health(self) -> bool:
         """At least one replica answers /health with 200 (one short attempt each, no retries);

@@ -412,7 +412,14 @@ async def test_diagnostics_are_consistent(coordinator: CoordinatorFactory) -> No
     alphas = [s.alpha for s in results[0].steps if s.alpha is not None]
     assert summary["tokens"] == len(results[0].steps)
     assert summary["alpha_mean"] == pytest.approx(float(np.mean(alphas)))
-    assert diagnostics_summary([]) == {"alpha_mean": None, "fallback_rate": 0.0, "tokens": 0}
+    assert diagnostics_summary([]) == {
+        "alpha_mean": None,
+        "fallback_rate": 0.0,
+        "tokens": 0,
+        "acceptance_rate": None,
+        "tokens_per_round": None,
+        "requests_per_token": None,
+    }
 
 
 async def test_first_token_follows_the_teacher(

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from app import protocol
 from app.errors import InvalidRequestError
+from app.generation import Speculative
 from app.main import validation_message
 from app.prompts import prompt_list
 from app.settings import Settings
@@ -139,14 +140,35 @@ def test_pydantic_errors_name_the_parameter(body: dict[str, Any], param: str) ->
     assert param.split(".")[-1].split("[")[0] in message
 
 
-def test_speculative_says_it_is_not_available_yet() -> None:
+def test_speculative_resolution() -> None:
+    """Absent: the server's setting (or the preset's); null: off; an object: its values."""
+    s = settings()
+    assert completion()._params(s, 16, None).speculative is None
+    spec = completion(mixing={"speculative": {"k": 4, "drafter": "base"}})._params(s, 16, None)
+    assert spec.speculative == Speculative(k=4, drafter="base")
+    auto = completion(mixing={"speculative": {}})._params(s, 16, None).speculative
+    assert auto == Speculative(k=None, drafter="auto")
+    fast = completion(mixing={"preset": "fast"})._params(s, 16, None)
+    assert fast.speculative == Speculative()
+    assert fast.mixing == completion()._params(s, 16, None).mixing
+    on = settings(speculative={"k": 3})
+    assert completion()._params(on, 16, None).speculative == Speculative(k=3)
+    assert completion(mixing={"speculative": None})._params(on, 16, None).speculative is None
+    assert completion(mixing={"preset": "explore"})._params(
+        on, 16, None
+    ).speculative == Speculative(k=3)
+
+
+@pytest.mark.parametrize(
+    "value", [4, {"k": 0}, {"k": 17}, {"k": "many"}, {"drafter": "both"}, {"kk": 2}]
+)
+def test_bad_speculative_options_name_the_field(value: object) -> None:
     with pytest.raises(ValidationError) as info:
-        completion(mixing={"speculative": {"k": 4}})
+        completion(mixing={"speculative": value})
     errors = [dict(e, loc=("body", *e["loc"])) for e in info.value.errors()]
-    message, named = validation_message(errors)
-    assert named == "mixing.speculative"
-    assert "not available yet" in message
-    assert completion(mixing={"speculative": None}).mixing is not None
+    _, named = validation_message(errors)
+    assert named is not None
+    assert named.startswith("mixing.speculative")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from app import generation
 from app.errors import InvalidRequestError
-from app.options import MIX_OPTIONS, Preset, resolve_mixing
+from app.options import (
+    MIX_OPTIONS,
+    Preset,
+    SpeculativeOptions,
+    resolve_mixing,
+    resolve_speculative,
+)
 from app.prompts import prompt_list
 from app.sampling.types import MixConfig
 from app.settings import Settings
@@ -58,17 +64,10 @@ class MixingOptions(OpenAIBaseModel):
     overlap_threshold: float | None = Field(None, ge=0.0, le=1.0)
     auto_fallback: StrictBool | None = None
     top_k: int | None = Field(None, ge=1, le=1024, description="K asked of each upstream")
-    # Speculative rounds (docs/ALGORITHM.md §8) are not built yet; the field exists so clients
-    # can send null, and anything else gets a message saying so (not pydantic's "should be None").
-    speculative: Any = Field(None, description="speculative rounds: not available yet")
+    # Speculative rounds (docs/ALGORITHM.md §8): null = token by token; absent = the preset's
+    # or the server's setting.
+    speculative: SpeculativeOptions | None = None
     diagnostics: StrictBool | None = None
-
-    @field_validator("speculative")
-    @classmethod
-    def _speculative_off(cls, value: Any) -> None:
-        if value is not None:
-            raise ValueError("speculative rounds are not available yet; only null is accepted")
-        return None
 
     def explicit(self) -> dict[str, Any]:
         """The MixConfig fields this request sets explicitly (the preset aside)."""
@@ -234,6 +233,12 @@ class _SamplingRequest(OpenAIBaseModel):
             logprobs=logprobs,
             top_k_upstream=self.mixing.top_k if self.mixing else None,
             mixing=self.mix_config(settings),
+            speculative=resolve_speculative(
+                settings.speculative_default(),
+                self.mixing.preset if self.mixing else None,
+                self.mixing.speculative if self.mixing else None,
+                self.mixing is not None and "speculative" in self.mixing.model_fields_set,
+            ),
         )
 
 

@@ -28,6 +28,10 @@ class DiagnosticsSummary(BaseModel):
     # check found the two models too far apart (reason "unstable", docs/ALGORITHM.md §5 rule 3).
     fallback_rate: float | None
     tokens: int
+    # Speculative rounds (docs/ALGORITHM.md §8; definitions in app/diagnostics.py).
+    acceptance_rate: float | None = None
+    tokens_per_round: float | None = None
+    requests_per_token: float | None = None
 
 
 class Diagnostics(BaseModel):
@@ -43,6 +47,9 @@ class Diagnostics(BaseModel):
     kl_gap: list[float | None]
     chernoff: list[float | None]
     filled_mass: list[float | None]
+    # How a speculative round made each token: null (token by token), "accepted", "resampled"
+    # or "bonus" (docs/ALGORITHM.md §8).
+    draft: list[str | None]
     summary: DiagnosticsSummary | None = _OMITTED
 
 

@@ -4,8 +4,9 @@ and the top-N of log q for OpenAI `logprobs`."""
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
-from app.sampling.types import Mixture, SamplingError, StepResult
+from app.sampling.types import DRAFT_NONE, Mixture, SamplingError, StepResult
 
 _accumulate = np.add.accumulate
 
@@ -25,16 +26,30 @@ def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
 def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
     """Draw the token from the mixture's q (inverse CDF over ids in increasing order, one
     `rng.random()` per step), or take `greedy_token` without touching `rng` (T = 0)."""
-    (support, logq, q, greedy_token, alpha, reason, js, overlap_count, overlap_mass, kl_gap,
-     chernoff, filled_mass) = mixture  # fmt: skip
+    support = mixture.support
+    greedy_token = mixture.greedy_token
     if greedy_token is not None:
         position = int(support.searchsorted(greedy_token))
     else:
-        cumulative = _accumulate(q)
-        # side="right": the first id whose cumulative q exceeds u, so never an id with q = 0.
-        position = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
-        if position >= q.shape[0]:  # u·Σq rounded up to Σq
-            position = int(np.flatnonzero(q)[-1])
+        position = draw_position(mixture.q, rng)
+    return result_at(mixture, position)
+
+
+def draw_position(weights: npt.NDArray[np.float64], rng: np.random.Generator) -> int:
+    """The position drawn from `weights` (non-negative, not necessarily normalized) by the
+    inverse CDF with one `rng.random()`: never a position of weight 0."""
+    cumulative = _accumulate(weights)
+    # side="right": the first id whose cumulative q exceeds u, so never an id with q = 0.
+    position = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
+    if position >= weights.shape[0]:  # u·Σq rounded up to Σq
+        position = int(np.flatnonzero(weights)[-1])
+    return position
+
+
+def result_at(mixture: Mixture, position: int, draft: int = DRAFT_NONE) -> StepResult:
+    """The step's outputs (§6) with the token at `position` of the support."""
+    (support, logq, _, _, alpha, reason, js, overlap_count, overlap_mass, kl_gap, chernoff,
+     filled_mass) = mixture  # fmt: skip
     return StepResult(
         int(support[position]),
         float(logq[position]),
@@ -49,6 +64,7 @@ def sample(mixture: Mixture, rng: np.random.Generator) -> StepResult:
         filled_mass,
         support,
         logq,
+        draft,
     )
 
 

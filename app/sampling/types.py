@@ -90,6 +90,16 @@ class StepResult(NamedTuple):
     filled_mass: float
     support: npt.NDArray[np.int64]
     logq: npt.NDArray[np.float64]
+    # docs/ALGORITHM.md §8: how a speculative round produced this token (DRAFT_* codes);
+    # DRAFT_NONE for a token-by-token step.
+    draft: int = 0
+
+
+# `StepResult.draft`: a token-by-token step; a drafted token the round accepted; the token drawn
+# from the residual after a drafted token was rejected; the extra token drawn from q after every
+# draft of the round was accepted.
+DRAFT_NONE, DRAFT_ACCEPTED, DRAFT_RESAMPLED, DRAFT_BONUS = 0, 1, 2, 3
+DRAFT_NAMES: tuple[str | None, ...] = (None, "accepted", "resampled", "bonus")
 
 
 class Mixture(NamedTuple):

@@ -47,7 +47,7 @@ import numpy.typing as npt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -227,6 +227,7 @@ class Faults:
     """Mutable knobs; every field may be changed while the fake serves."""
 
     latency: float = 0.0  # seconds added to every /v1/completions call
+    token_latency: float = 0.0  # seconds between a streamed completion's chunks
     status: int | None = None  # /v1/completions answers this status (vLLM error body) ...
     status_after: int = 0  # ... from the call with this 0-based index on ...
     status_count: int | None = None  # ... for this many calls (None: forever)
@@ -433,6 +434,8 @@ class FakeVLLM:
                 return _error(500, "injected random failure")
             response = self._complete(body, index)
             self.completions_finished += 1
+            if body.get("stream") and isinstance(response, JSONResponse):
+                return self._stream(response)
             return response
         except asyncio.CancelledError:
             self.completions_cancelled += 1
@@ -440,6 +443,54 @@ class FakeVLLM:
         finally:
             self.in_flight -= 1
             self.prompts_in_flight -= prompts
+
+    def _stream(self, response: JSONResponse) -> Response:
+        """vLLM's streamed completion: one SSE chunk per generated token (its id, logprob
+        entries and text), a last chunk with the finish reason, then [DONE]."""
+        completion = json.loads(bytes(response.body))
+        choice = completion["choices"][0]
+        logprobs = choice["logprobs"]
+
+        async def frames() -> Any:
+            ids = choice.pop("token_ids", None) or []
+            count = len(logprobs["tokens"]) if logprobs else len(ids)
+            for i in range(count):
+                part: Any = None
+                if logprobs is not None:
+                    part = {
+                        "text_offset": [i],
+                        "token_logprobs": [logprobs["token_logprobs"][i]],
+                        "tokens": [logprobs["tokens"][i]],
+                        "top_logprobs": [logprobs["top_logprobs"][i]],
+                    }
+                chunk = {
+                    "id": completion["id"],
+                    "object": "text_completion",
+                    "created": completion["created"],
+                    "model": completion["model"],
+                    "choices": [{"index": 0, "text": "", "logprobs": part, "finish_reason": None}],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(self.faults.token_latency)
+            last = {
+                "id": completion["id"],
+                "object": "text_completion",
+                "created": completion["created"],
+                "model": completion["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": choice["finish_reason"],
+                        "stop_reason": choice["stop_reason"],
+                    }
+                ],
+            }
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
 
     def _complete(self, body: dict[str, Any], index: int) -> Response:
         f = self.faults
@@ -506,6 +557,7 @@ class FakeVLLM:
         max_tokens = int(body.get("max_tokens") or 16)
         max_tokens = min(max_tokens, self.max_model_len - len(prompt))
         temperature = float(body.get("temperature", 1.0))
+        top_k = body.get("top_k")
         rng = np.random.default_rng(body.get("seed"))
         stop_ids = set(body.get("stop_token_ids") or [])
         if not body.get("ignore_eos"):
@@ -521,7 +573,10 @@ class FakeVLLM:
             if temperature < 1e-5:
                 chosen = int(np.lexsort((np.arange(VOCAB_SIZE), -lp))[0])
             else:
-                p = np.exp(log_softmax(lp / temperature))
+                scaled = lp / temperature
+                if top_k is not None and 0 < top_k < VOCAB_SIZE:  # vLLM: ties at the cut kept
+                    scaled = np.where(lp >= np.sort(lp)[-top_k], scaled, -np.inf)
+                p = np.exp(log_softmax(scaled))
                 chosen = int(rng.choice(VOCAB_SIZE, p=p))
             entries: dict[str, float] = {}
             if k is not None:
