@@ -228,6 +228,7 @@ class Faults:
 
     latency: float = 0.0  # seconds added to every /v1/completions call
     token_latency: float = 0.0  # seconds between a streamed completion's chunks
+    stream_status: int | None = None  # streamed /v1/completions answer this status
     status: int | None = None  # /v1/completions answers this status (vLLM error body) ...
     status_after: int = 0  # ... from the call with this 0-based index on ...
     status_count: int | None = None  # ... for this many calls (None: forever)
@@ -432,6 +433,8 @@ class FakeVLLM:
                 if kind == "reset":
                     raise ConnectionReset(f"fake {self.role} dropped the connection")
                 return _error(500, "injected random failure")
+            if body.get("stream") and f.stream_status is not None:
+                return _error(f.stream_status, "injected stream failure")
             response = self._complete(body, index)
             self.completions_finished += 1
             if body.get("stream") and isinstance(response, JSONResponse):
