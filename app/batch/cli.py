@@ -28,8 +28,8 @@ from app.batch.records import Totals
 from app.batch.runner import JobAborted, run_job
 from app.batch.writer import StoreError
 from app.errors import DualVLLMError
-from app.generation import GenerationParams
-from app.options import PRESETS, resolve_mixing
+from app.generation import GenerationParams, Speculative
+from app.options import PRESETS, SpeculativeOptions, resolve_mixing, resolve_speculative
 from app.settings import Settings
 from app.upstream import StartupError
 
@@ -52,6 +52,20 @@ def _optional_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
+
+
+def _speculative(text: str) -> int | str | None:
+    """`--speculative`: a k, 'auto', or 'off'/'none' (token by token)."""
+    if text.lower() in {"off", "none", "null"}:
+        return None
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, 'auto' or 'off', not {text!r}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -207,6 +221,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on an unstable token, use the teacher alone",
     )
     mix.add_argument("--top-k", type=int, help="logprobs K asked of each upstream")
+    mix.add_argument(
+        "--speculative",
+        type=_speculative,
+        default=argparse.SUPPRESS,
+        metavar="K",
+        help="speculative rounds (same output law, fewer upstream requests): K drafted tokens "
+        "per round, 'auto' (adapted to the acceptance) or 'off'",
+    )
+    mix.add_argument(
+        "--drafter",
+        choices=["auto", "base", "teacher"],
+        default="auto",
+        help="who drafts in speculative rounds ('auto': the model closer to q)",
+    )
 
     gw = parser.add_argument_group("gateway (instead of the upstreams)")
     gw.add_argument(
@@ -252,6 +280,18 @@ def api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("DUAL_VLLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
+def speculative_from_args(args: argparse.Namespace, settings: Settings) -> Speculative | None:
+    """`--speculative` / `--drafter` over the preset's and the server's setting."""
+    given = "speculative" in vars(args)
+    options = None
+    if given and args.speculative is not None:
+        try:
+            options = SpeculativeOptions(k=args.speculative, drafter=args.drafter)
+        except ValidationError as exc:
+            raise SystemExit(f"--speculative: {exc.errors()[0]['msg']}") from None
+    return resolve_speculative(settings.speculative_default(), args.preset, options, given)
+
+
 def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
     mixing = resolve_mixing(
         settings.mixing_defaults(),
@@ -268,6 +308,7 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
         ignore_eos=args.ignore_eos,
         top_k_upstream=settings.top_k,
         mixing=mixing,
+        speculative=speculative_from_args(args, settings),
     )
     return Job(
         dataset=args.dataset,

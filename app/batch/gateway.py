@@ -55,6 +55,10 @@ def request_body(spec: PromptSpec, params: GenerationParams) -> tuple[str, dict[
     if params.top_k_upstream is not None:
         mixing["top_k"] = params.top_k_upstream
     mixing["diagnostics"] = True
+    rounds = params.speculative
+    mixing["speculative"] = (
+        None if rounds is None else {"k": rounds.k or "auto", "drafter": rounds.drafter}
+    )
     body: dict[str, Any] = {
         "max_tokens": params.max_tokens,
         "n": 1,
