@@ -160,7 +160,7 @@ def _tail_power_bounds(view: _View, s: float, count: int | None) -> tuple[float,
     """Bounds on Σ P^s over the ids `view`'s model did not return (`count` of them, or None):
     Σ P = τ, each P ≤ cap. s < 1: Σ P^s ≥ Σ P·cap^(s−1); s > 1: Σ P^s ≥ n(τ/n)^s (Jensen)."""
     tau = view.tail
-    if tau <= 0.0:
+    if tau <= 0.0 or count == 0:  # (a view of every id: τ is rounding)
         return 0.0, 0.0
     if s == 1.0:
         return tau, tau
