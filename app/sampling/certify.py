@@ -281,10 +281,11 @@ class _Certifier:
         count = int(reached[0]) + 1
         if count > 1 and cumulative[count - 2] >= rho * z_lo * (1.0 - MARGIN):
             raise _Uncertified  # the crossing moves with the unknown normalizer
-        if t.count < self.n + (0 if self.outside is None else self.outside) and not (
-            t.logp[order[count - 1]] > t.log_cap
-        ):
-            raise _Uncertified  # an unreturned id can tie with the last nucleus id
+        unreturned = self.vocab is None or t.count < self.vocab
+        if unreturned and not t.logp[order[count - 1]] > t.log_cap + MARGIN:
+            # An unreturned id can tie with the last nucleus id (τ is a rounded 1 − M: a tie
+            # in exact arithmetic may look like a strict inequality, hence the margin).
+            raise _Uncertified
         mask = np.zeros(self.n, np.bool_)
         mask[np.searchsorted(self.support, t.ids[order[:count]])] = True
         return mask

@@ -301,3 +301,22 @@ def test_model_logprob_with_vllms_extra_entry_needs_requested_k() -> None:
     top = TopK(np.array([9, 1, 2], np.int64), np.log(np.array([0.01, 0.5, 0.3])))
     assert model_logprob(top, 7)[0] == pytest.approx(math.log(0.01))
     assert model_logprob(top, 7, requested_k=2)[0] == pytest.approx(math.log(0.19))
+
+
+def test_an_unreturned_id_tying_with_the_nucleus_edge_is_uncertain() -> None:
+    # The teacher returned 5 (0.6) and 7 (0.2); id 3 also has 0.2 (a tie vLLM may break either
+    # way) and, with the lower id, comes before 7 in the full run's nucleus {5, 3}.
+    full_b = {3: 0.1, 5: 0.5, 7: 0.4}
+    full_t = {3: 0.2, 5: 0.6, 7: 0.2}
+    config = MixConfig(alpha=0.5, trust_region_top_p=0.78, stability_check=False)
+
+    def as_view(probs: dict[int, float], ids: list[int]) -> TopK:
+        return TopK(np.array(ids, np.int64), np.log(np.array([probs[y] for y in ids])))
+
+    base, teacher = as_view(full_b, [5, 7]), as_view(full_t, [5, 7])
+    m = mix(base, teacher, config, first_token=False)
+    full = mix(as_view(full_b, [3, 5, 7]), as_view(full_t, [3, 5, 7]), config, first_token=False)
+    tv = 0.5 * float(np.abs(spread(m, 8) - spread(full, 8)).sum())
+    assert tv > 0.2
+    assert uncertain_mass(base, teacher, m, config) >= tv
+    assert uncertain_mass(base, teacher, m, config, vocab_size=3) >= tv
