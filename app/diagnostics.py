@@ -12,9 +12,10 @@ its round) or "bonus" (drawn from q after every draft of the round was kept: it 
 round). `acceptance_rate` = accepted / (accepted + resampled), null when no draft was judged;
 `tokens_per_round` = tokens made in rounds / rounds (a round that ends at a stop ends on an
 "accepted" token), null without rounds; `requests_per_token` = the upstream requests this
-choice asked for per token: 2 per token-by-token step (one per upstream), 2 per round (the
-draft and one batched scoring request). Requests that several choices share through probe
-coalescing (app/probes.py) count once for each: the gateway's own request counter
+choice needed per token: 2 per token-by-token step (one per upstream), and per round its draft
+plus one scorer view per token (scorer views asked ahead and cancelled by a rejection are not
+counted). Requests that several choices share through probe coalescing (app/probes.py) count
+once for each: the gateway's own request counter
 (`dual_vllm_upstream_request_duration_seconds_count`) gives the shared figure.
 """
 
@@ -66,7 +67,9 @@ def summary(steps: Sequence[StepResult]) -> dict[str, float | int | None]:
         "tokens": len(steps),
         "acceptance_rate": drafts[DRAFT_ACCEPTED] / judged if judged else None,
         "tokens_per_round": in_rounds / rounds if rounds else None,
-        "requests_per_token": 2 * (drafts[DRAFT_NONE] + rounds) / len(steps) if steps else None,
+        "requests_per_token": (2 * drafts[DRAFT_NONE] + rounds + in_rounds) / len(steps)
+        if steps
+        else None,
     }
 
 

@@ -202,6 +202,8 @@ async def test_diagnostics_of_rounds() -> None:
     rounds = draft[2] + draft[3] + (1 if out.steps[-1].draft == 1 else 0)
     # The last token is a plain step when a round has no room for a draft (k + 1 > what is left).
     assert summary["tokens_per_round"] == pytest.approx((30 - draft[0]) / rounds)
-    assert summary["requests_per_token"] == pytest.approx(2 * (rounds + draft[0]) / 30)
+    assert summary["requests_per_token"] == pytest.approx(
+        (rounds + 30 - draft[0] + 2 * draft[0]) / 30
+    )
     assert plain.summary["requests_per_token"] == 2.0
     assert plain.summary["acceptance_rate"] is None
