@@ -47,6 +47,11 @@ API_COLUMNS: tuple[str, ...] = (
     "chernoff",
     "filled_mass",
     "draft",
+    "uncertain_mass",
+    "base_logprob",
+    "teacher_logprob",
+    "base_logprob_exact",
+    "teacher_logprob_exact",
 )
 
 
@@ -109,4 +114,9 @@ def token_columns(steps: Sequence[StepResult]) -> dict[str, list[Any]]:
         "support_size": [s.support_size for s in steps],
         "filled_mass": [s.filled_mass for s in steps],
         "draft": [DRAFT_NAMES[s.draft] for s in steps],
+        "uncertain_mass": [s.uncertain_mass for s in steps],
+        "base_logprob": [s.base_logprob for s in steps],
+        "teacher_logprob": [s.teacher_logprob for s in steps],
+        "base_logprob_exact": [s.base_exact for s in steps],
+        "teacher_logprob_exact": [s.teacher_exact for s in steps],
     }

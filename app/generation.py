@@ -77,6 +77,11 @@ class GenerationParams:
     top_k_upstream: int | None = None  # K asked of each upstream; None = settings.top_k
     mixing: MixConfig = field(default_factory=MixConfig)
     speculative: Speculative | None = None  # None: token by token
+    # docs/ALGORITHM.md §9: a step whose uncertain_mass exceeds this fetches more (None: off).
+    max_uncertain_mass: float | None = None
+    # Per-token diagnostics are read: compute uncertain_mass for every token (~0.05–4 ms a
+    # token, so not by default) and the models' logprobs of the token.
+    diagnostics: bool = False
 
 
 @dataclass(frozen=True, slots=True)

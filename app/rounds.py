@@ -31,10 +31,11 @@ from app.detok import IncrementalText
 from app.generation import MAX_DRAFT_TOKENS, Speculative
 from app.pair import UpstreamPair, to_topk
 from app.plan import Plan
-from app.sampling import mix, mix_step, sample
+from app.sampling import mix, sample
+from app.sampling.certify import model_logprob, uncertain_mass
 from app.sampling.shaping import History, shapes
 from app.sampling.speculative import judge, proposal
-from app.sampling.types import DRAFT_BONUS, MixConfig, StepResult, TopK
+from app.sampling.types import DRAFT_BONUS, MixConfig, Mixture, StepResult, TopK
 from app.tasks import cancel
 from app.textrelease import TextRelease
 
@@ -133,14 +134,35 @@ def history(plan: Plan, seq: SequenceState, counts: dict[int, int], done: int) -
 async def plain_step(pair: UpstreamPair, plan: Plan, seq: SequenceState) -> StepResult:
     """Both upstreams' top-K of their own context in parallel, then the math."""
     base, teacher = await pair.probe(seq.base_ctx, seq.teacher_ctx, plan.k, seq.affinity)
-    return mix_step(
+    mixture = mix(
         base,
         teacher,
         plan.params.mixing,
         first_token=not seq.generated,
-        rng=seq.rng,
         alpha_hint=seq.alpha,
         history=history(plan, seq, seq.counts, len(seq.generated)),
+    )
+    return certified(sample(mixture, seq.rng), base, teacher, mixture, plan)
+
+
+def certified(
+    result: StepResult, base: TopK, teacher: TopK, mixture: Mixture, plan: Plan
+) -> StepResult:
+    """The token's §9 read-outs when the request reads diagnostics: uncertain_mass (an upper
+    bound on TV(q, full-vocabulary q*), app/sampling/certify.py) and each model's raw logprob
+    of the token (exact, or a bound when the model did not return it)."""
+    if not plan.params.diagnostics:
+        return result
+    y = result.token_id
+    base_lp, base_exact = model_logprob(base, y, requested_k=plan.k)
+    teacher_lp, teacher_exact = model_logprob(teacher, y, requested_k=plan.k)
+    bound = uncertain_mass(base, teacher, mixture, plan.params.mixing, requested_k=plan.k)
+    return result._replace(
+        uncertain_mass=bound,
+        base_logprob=base_lp,
+        teacher_logprob=teacher_lp,
+        base_exact=base_exact,
+        teacher_exact=teacher_exact,
     )
 
 
@@ -179,6 +201,9 @@ async def speculative_round(
         counts=seq.counts,
         history_of=lambda counts, done: history(plan, seq, counts, done),
         ends=plan.eos | plan.stop_ids,
+        certify=lambda result, base, teacher, mixture: certified(
+            result, base, teacher, mixture, plan
+        ),
     )
     scores: list[asyncio.Future[TopK]] = []
     drafts: asyncio.Queue[tuple[int, dict[int, float]] | None] = asyncio.Queue()
@@ -252,7 +277,9 @@ class RoundJudge:
         counts: Mapping[int, int],
         history_of: Callable[[dict[int, int], int], History | None],
         ends: Collection[int],
+        certify: Callable[[StepResult, TopK, TopK, Mixture], StepResult] | None = None,
     ) -> None:
+        self.certify = certify
         self.role = role
         self.k = k
         self.mixing = mixing
@@ -283,6 +310,8 @@ class RoundJudge:
         else:
             ids, probs = proposal(view, self.k, self.mixing.temperature, token)
             result, accepted = judge(mixture, token, ids, probs, self.rng)
+        if self.certify is not None:
+            result = self.certify(result, base, teacher, mixture)
         y = result.token_id
         self.done += 1
         self.counts[y] = self.counts.get(y, 0) + 1

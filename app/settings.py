@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         description='speculative rounds by default (JSON, e.g. {"k": "auto", "drafter": '
         '"auto"}); None = token by token',
     )
+    max_uncertain_mass: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="default of mixing.max_uncertain_mass (docs/ALGORITHM.md §9); None = off",
+    )
     diagnostics: bool = False
 
     @field_validator("base_url", "teacher_url", "api_keys", mode="before")

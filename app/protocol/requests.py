@@ -67,6 +67,9 @@ class MixingOptions(OpenAIBaseModel):
     # Speculative rounds (docs/ALGORITHM.md §8): null = token by token; absent = the preset's
     # or the server's setting.
     speculative: SpeculativeOptions | None = None
+    # docs/ALGORITHM.md §9: fetch more for a step whose uncertain_mass exceeds this; null = off;
+    # absent = the server's setting.
+    max_uncertain_mass: float | None = Field(None, ge=0.0, le=1.0)
     diagnostics: StrictBool | None = None
 
     def explicit(self) -> dict[str, Any]:
@@ -233,6 +236,12 @@ class _SamplingRequest(OpenAIBaseModel):
             logprobs=logprobs,
             top_k_upstream=self.mixing.top_k if self.mixing else None,
             mixing=self.mix_config(settings),
+            diagnostics=self.diagnostics(settings),
+            max_uncertain_mass=(
+                self.mixing.max_uncertain_mass
+                if self.mixing is not None and "max_uncertain_mass" in self.mixing.model_fields_set
+                else settings.max_uncertain_mass
+            ),
             speculative=resolve_speculative(
                 settings.speculative_default(),
                 self.mixing.preset if self.mixing else None,

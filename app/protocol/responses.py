@@ -50,6 +50,14 @@ class Diagnostics(BaseModel):
     # How a speculative round made each token: null (token by token), "accepted", "resampled"
     # or "bonus" (docs/ALGORITHM.md §8).
     draft: list[str | None]
+    # docs/ALGORITHM.md §9: an upper bound on TV(q, the full-vocabulary q*) per token; each
+    # model's raw logprob of the token, exact when `*_exact` (the model returned the id), else
+    # an upper bound.
+    uncertain_mass: list[float | None]
+    base_logprob: list[float | None]
+    teacher_logprob: list[float | None]
+    base_logprob_exact: list[bool | None]
+    teacher_logprob_exact: list[bool | None]
     summary: DiagnosticsSummary | None = _OMITTED
 
 

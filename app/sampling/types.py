@@ -93,6 +93,14 @@ class StepResult(NamedTuple):
     # docs/ALGORITHM.md §8: how a speculative round produced this token (DRAFT_* codes);
     # DRAFT_NONE for a token-by-token step.
     draft: int = 0
+    # docs/ALGORITHM.md §9 (app/sampling/certify.py), set by the engine when asked for: an upper
+    # bound on TV(q, full-vocabulary q*); each model's raw logprob of the token, exact when the
+    # model returned the id (its `*_exact` True), else an upper bound.
+    uncertain_mass: float | None = None
+    base_logprob: float | None = None
+    teacher_logprob: float | None = None
+    base_exact: bool | None = None
+    teacher_exact: bool | None = None
 
 
 # `StepResult.draft`: a token-by-token step; a drafted token the round accepted; the token drawn
