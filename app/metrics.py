@@ -52,7 +52,16 @@ DRAFTS: Final = ("accepted", "resampled", "bonus")
 ERROR_KINDS: Final = ("timeout", "unavailable", "bad_response", "rejected", "other")
 OTHER: Final = "other"
 # Why an upstream call was retried (app/upstream.py `_retry_reason`).
-RETRY_REASONS: Final = ("connect", "unavailable", "timeout", "reset", "server_error", "other")
+# "spoiled": a top-K answer spoiled by vLLM's logprob_token_ids batch bug (app/probes.py).
+RETRY_REASONS: Final = (
+    "connect",
+    "unavailable",
+    "timeout",
+    "reset",
+    "server_error",
+    "spoiled",
+    "other",
+)
 
 # The coordinator may report the exception class name instead of the kind; both are accepted.
 _ERROR_CLASS_KINDS: Final = {

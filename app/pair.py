@@ -9,6 +9,8 @@ Start-up waits (retrying with backoff, up to `Settings.startup_timeout`) while a
 not answer, and refuses to serve (StartupError, naming the upstream and the fix) when it still
 does not, when the two tokenizers split a probe text differently (token-id mixing needs one
 tokenizer), when K is above an upstream's --max-logprobs, or when no EOS id can be found.
+The K check reads each upstream's --max-logprobs from a refused request (no forward pass;
+`ModelInfo.max_logprobs`, the limit for fetching a larger K later).
 
 EOS ids: `Settings.eos_token_ids` if set; else the teacher's `GET /tokenizer_info` (vLLM with
 `--enable-tokenizer-info-endpoint`) gives `eos_token`, which the teacher's `/tokenize`
@@ -197,6 +199,11 @@ class UpstreamPair:
             k = self.settings.top_k
             probe = base_ids[:4]  # short: fits any context length
             await both(self.base.check_logprobs(probe, k), self.teacher.check_logprobs(probe, k))
+            # check_logprobs read each --max-logprobs into the client's info.
+            self.models = {
+                "base": self.base.info or base_info,
+                "teacher": self.teacher.info or teacher_info,
+            }
             self.eos_token_ids = await self._eos_ids()
             self.special_ids |= self.eos_token_ids
             if isinstance(self.decoder, LocalDecoder):
@@ -213,12 +220,14 @@ class UpstreamPair:
                 waiting=not isinstance(exc, UpstreamRejectedError),
             ) from exc
         log.info(
-            "upstreams ready: base %s (max_model_len %d), teacher %s (max_model_len %d), "
-            "K=%d, EOS ids %s",
+            "upstreams ready: base %s (max_model_len %d, max_logprobs %s), teacher %s "
+            "(max_model_len %d, max_logprobs %s), K=%d, EOS ids %s",
             self.models["base"].name,
             self.models["base"].max_model_len,
+            self.models["base"].max_logprobs,
             self.models["teacher"].name,
             self.models["teacher"].max_model_len,
+            self.models["teacher"].max_logprobs,
             self.settings.top_k,
             sorted(self.eos_token_ids),
         )

@@ -14,42 +14,64 @@ A 4xx answer to a batch is retried prompt by prompt, so one bad prompt fails onl
 with its own status; any other failure fails every probe of the batch, as it would have failed
 each of them alone. When every caller of a batch has gone (a client disconnected), the request
 is cancelled.
+
+Fetching more for one step (certified support, docs/ALGORITHM.md §9): `token_ids_body` /
+`parse_token_logprobs` ask for the exact logprobs of given ids (vLLM's `logprob_token_ids`,
+docs/VLLM_API.md §7). vLLM 0.32's V1 sampler has a batch bug: while a request with
+`logprob_token_ids` shares an engine step with a top-K request, the top-K request's answer is
+replaced by `{sampled id: lp, 0: -9999.0}` (vllm-project/vllm PR #51789, open). `KindGate` keeps
+this client's own top-K probes and id requests to one replica from overlapping, and
+`parse_choice(..., k=K)` recognises a spoiled top-K answer (SpoiledAnswerError, retried by
+app/upstream.py) when the overlap came from elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from app.errors import UpstreamError, UpstreamRejectedError
 
 _TOKEN_ID_PREFIX = "token_id:"
+# vLLM's MAX_LOGPROB_TOKEN_IDS (vllm/sampling_params.py): ids per request.
+MAX_LOGPROB_TOKEN_IDS = 128
+# The `logprobs` of the start-up request that reads --max-logprobs from its 400 (no model has
+# this many tokens; vLLM refuses it before the engine, so the request costs no forward pass).
+LOGPROBS_ABOVE_ANY_LIMIT = 2**30
 
 SendOne = Callable[[list[int], int], Awaitable[dict[int, float]]]
 SendBatch = Callable[[list[list[int]], int], Awaitable[list[dict[int, float]]]]
 
 
-def parse_top_logprobs(body: Any, *, upstream: str) -> dict[int, float]:
+class SpoiledAnswerError(UpstreamError):
+    """A top-K answer spoiled by vLLM's `logprob_token_ids` batch bug (module docstring):
+    transient, the same probe asked again is answered right."""
+
+
+def parse_top_logprobs(body: Any, *, upstream: str, k: int | None = None) -> dict[int, float]:
     """The first generated position's `{"token_id:123": lp}` of a completions body, as
     `{123: lp}` (plain data: app/pair.py turns it into the math's `TopK`).
 
     Every entry is used (vLLM's K+1 case: its sampled token first, outside the top K;
     docs/ALGORITHM.md §0). Entries whose value is null are dropped (no information); a null
-    position, a text key or a non-number value is a malformed body.
+    position, a text key or a non-number value is a malformed body. With `k` (the request's
+    `logprobs`), an answer spoiled by vLLM's batch bug raises SpoiledAnswerError.
     """
     try:
-        return parse_choice(body["choices"][0], upstream=upstream)
+        return parse_choice(body["choices"][0], upstream=upstream, k=k)
     except (KeyError, IndexError, TypeError) as exc:
         raise UpstreamError(
             f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
         ) from exc
 
 
-def parse_choice(choice: Any, *, upstream: str) -> dict[int, float]:
+def parse_choice(choice: Any, *, upstream: str, k: int | None = None) -> dict[int, float]:
     """One choice's first position (see `parse_top_logprobs`)."""
     try:
         logprobs = choice["logprobs"]
@@ -94,15 +116,25 @@ def parse_choice(choice: Any, *, upstream: str) -> dict[int, float]:
         raise UpstreamError(
             f"{upstream} upstream returned no usable top_logprobs", upstream=upstream
         )
+    if k is not None and len(mapping) < k and mapping.get(0) == -9999.0:
+        # A true top-K has K distinct ids (K <= --max-logprobs <= the vocabulary); the spoiled
+        # one is the sampled id plus vLLM's padding, id 0 at -inf. Undetectable for K = 1.
+        raise SpoiledAnswerError(
+            f"{upstream} upstream answered a logprobs={k} probe with {len(mapping)} entries "
+            "padded with id 0 (vLLM's logprob_token_ids batch bug)",
+            upstream=upstream,
+        )
     return mapping
 
 
-def parse_batch(body: Any, count: int, *, upstream: str) -> list[dict[int, float]]:
+def parse_batch(
+    body: Any, count: int, *, upstream: str, k: int | None = None
+) -> list[dict[int, float]]:
     """A batched probe's answer: one mapping per prompt, by the choices' `index`."""
     try:
         choices = body["choices"]
         by_index = {int(choice["index"]): choice for choice in choices}
-        return [parse_choice(by_index[i], upstream=upstream) for i in range(count)]
+        return [parse_choice(by_index[i], upstream=upstream, k=k) for i in range(count)]
     except (KeyError, TypeError, ValueError) as exc:
         raise UpstreamError(
             f"{upstream} upstream answered a batch of {count} probes without a choice for each",
@@ -144,6 +176,66 @@ def parse_draft(body: Any, *, upstream: str) -> list[tuple[int, dict[int, float]
             )
         positions.append((token_id, mapping))
     return positions
+
+
+def token_ids_body(probe: dict[str, Any], ids: Sequence[int]) -> dict[str, Any]:
+    """A probe body (`UpstreamClient.probe_body`) asking for the exact logprobs of `ids` (at
+    most MAX_LOGPROB_TOKEN_IDS) instead of the top K. vLLM 0.32 answers the sampled id plus
+    exactly these ids, keyed `token_id:<id>`; it requires `logprobs` to be set but ignores its
+    value (so --max-logprobs does not apply): 1 is sent."""
+    return {**probe, "logprobs": 1, "logprob_token_ids": list(ids)}
+
+
+def parse_token_logprobs(body: Any, ids: Sequence[int], *, upstream: str) -> dict[int, float]:
+    """The answer to a `token_ids_body` request: `{id: logprob}` for exactly `ids` (the
+    sampled id that vLLM adds is dropped unless asked for). A missing id means the upstream
+    ignored `logprob_token_ids` (vLLM before 0.32 accepts and ignores unknown fields)."""
+    mapping = parse_top_logprobs(body, upstream=upstream)
+    missing = [i for i in ids if i not in mapping]
+    if missing:
+        raise UpstreamError(
+            f"{upstream} upstream left out {len(missing)} of the {len(ids)} requested token ids "
+            f"(first {missing[0]}); it needs vLLM 0.32 or newer for logprob_token_ids",
+            upstream=upstream,
+        )
+    return {i: mapping[i] for i in ids}
+
+
+class KindGate:
+    """Requests of one kind (e.g. "topk") to one replica run together; a request of another
+    kind ("ids") waits until none of the first is in flight, and new requests of the running
+    kind wait behind it (no starvation). Works around vLLM's batch bug (module docstring):
+    two HTTP requests that never overlap never share an engine step."""
+
+    def __init__(self) -> None:
+        self._kind: str | None = None
+        self._active = 0
+        self._waiting: Counter[str] = Counter()
+        self._released = asyncio.Event()
+
+    def _may_enter(self, kind: str) -> bool:
+        if self._active == 0:
+            return True
+        others_wait = any(n for other, n in self._waiting.items() if other != kind)
+        return self._kind == kind and not others_wait
+
+    @contextlib.asynccontextmanager
+    async def hold(self, kind: str) -> AsyncIterator[None]:
+        self._waiting[kind] += 1
+        try:
+            while not self._may_enter(kind):
+                await self._released.wait()
+        finally:
+            self._waiting[kind] -= 1
+        self._kind = kind  # no await since the check: atomic on the event loop
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                released, self._released = self._released, asyncio.Event()
+                released.set()
 
 
 @dataclass(slots=True)

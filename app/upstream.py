@@ -37,13 +37,14 @@ URL may hold credentials or internal host names); logs show URLs with credential
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -55,11 +56,24 @@ from app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from app.probes import ProbeBatcher, parse_batch, parse_draft, parse_top_logprobs
+from app.probes import (
+    LOGPROBS_ABOVE_ANY_LIMIT,
+    MAX_LOGPROB_TOKEN_IDS,
+    KindGate,
+    ProbeBatcher,
+    SpoiledAnswerError,
+    parse_batch,
+    parse_draft,
+    parse_token_logprobs,
+    parse_top_logprobs,
+    token_ids_body,
+)
 from app.replicas import ReplicaPool, redact_url
 from app.settings import Settings
+from app.tasks import task_group
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _TOKEN_ID_PREFIX = "token_id:"
 _MAX_ALLOWED = re.compile(r"max allowed:\s*(\d+)")
@@ -89,11 +103,14 @@ class CallObserver(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """What `/v1/models` says about the served model."""
+    """What `/v1/models` says about the served model, and its --max-logprobs (the largest
+    `logprobs` it takes; its vocabulary size when started with -1) once
+    `UpstreamClient.discover_max_logprobs` has read it (None: unknown)."""
 
     name: str
     max_model_len: int
     root: str | None = None
+    max_logprobs: int | None = None
 
 
 def _error_label(exc: UpstreamError) -> str:
@@ -171,6 +188,7 @@ class UpstreamClient:
         self._observer = observer
         self._client: httpx.AsyncClient | None = None
         self._batchers: dict[str, ProbeBatcher] = {}  # by replica URL
+        self._gates: dict[str, KindGate] = {}  # by replica URL (app/probes.py)
         self.pool = ReplicaPool(name, self.urls, settings, self._healthy, observer=observer)
         self.info: ModelInfo | None = None
 
@@ -250,9 +268,11 @@ class UpstreamClient:
         affinity: int = 0,
         url: str | None = None,
         pinned: bool = False,
+        observed: bool = True,
     ) -> httpx.Response:
         """One call with error mapping and retries (see the module docstring); `pinned`
-        retries on the same replica (a question about that replica itself, e.g. its models)."""
+        retries on the same replica (a question about that replica itself, e.g. its models);
+        `observed=False` keeps an expected failure out of the call metrics."""
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name} upstream client used before start()")
@@ -265,7 +285,8 @@ class UpstreamClient:
             try:
                 response = await self._send(client, method, replica + path, json)
             except UpstreamError as exc:
-                self._observe(started, exc)
+                if observed:
+                    self._observe(started, exc)
                 reason = _retry_reason(exc)
                 if reason is None:
                     raise
@@ -427,18 +448,71 @@ class UpstreamClient:
             ) from exc
 
     async def _topk(self, prompt: Sequence[int], k: int, url: str) -> dict[int, float]:
-        response = await self._request(
-            "POST", "/v1/completions", json=self.probe_body(prompt, k), url=url
+        return await self._complete(
+            self.probe_body(prompt, k),
+            url,
+            "topk",
+            lambda body: parse_top_logprobs(body, upstream=self.name, k=k),
         )
-        return parse_top_logprobs(self._json(response), upstream=self.name)
 
     async def _topk_batch(
         self, prompts: list[list[int]], k: int, url: str
     ) -> list[dict[int, float]]:
         body = self.probe_body([], k)
         body["prompt"] = prompts  # vLLM's batch form: one choice per prompt, in order
-        response = await self._request("POST", "/v1/completions", json=body, url=url)
-        return parse_batch(self._json(response), len(prompts), upstream=self.name)
+        return await self._complete(
+            body,
+            url,
+            "topk",
+            lambda answer: parse_batch(answer, len(prompts), upstream=self.name, k=k),
+        )
+
+    async def token_logprobs(
+        self, prompt: Sequence[int], ids: Sequence[int], *, affinity: int = 0
+    ) -> dict[int, float]:
+        """The exact raw next-token logprobs of `ids` after `prompt`: `{id: logprob}` (floored
+        at -9999.0 like every vLLM logprob). vLLM's `logprob_token_ids` (docs/VLLM_API.md §7):
+        at most 128 ids per request, so more go in concurrent requests to one replica."""
+        wanted = list(dict.fromkeys(ids))
+        url = self.replica(affinity)
+        chunks = [
+            wanted[i : i + MAX_LOGPROB_TOKEN_IDS]
+            for i in range(0, len(wanted), MAX_LOGPROB_TOKEN_IDS)
+        ]
+        async with task_group() as group:
+            tasks = [
+                group.create_task(
+                    self._complete(
+                        token_ids_body(self.probe_body(prompt, 1), chunk),
+                        url,
+                        "ids",
+                        functools.partial(parse_token_logprobs, ids=chunk, upstream=self.name),
+                    )
+                )
+                for chunk in chunks
+            ]
+        return {i: lp for task in tasks for i, lp in task.result().items()}
+
+    async def _complete(
+        self, body: dict[str, Any], url: str, kind: str, parse: Callable[[Any], T]
+    ) -> T:
+        """POST /v1/completions to `url` through its KindGate and parse the answer; an answer
+        spoiled by vLLM's batch bug (app/probes.py) is asked again like a failed call."""
+        gate = self._gates.setdefault(url, KindGate())
+        attempt = 0
+        while True:
+            async with gate.hold(kind):
+                response = await self._request("POST", "/v1/completions", json=body, url=url)
+            try:
+                return parse(self._json(response))
+            except SpoiledAnswerError as exc:
+                delay = _backoff(attempt)
+                if attempt >= self._settings.upstream_retries:
+                    raise
+                log.warning("%s; retry %d in %.2fs", exc.message, attempt + 1, delay)
+                self._count_retry("spoiled")
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def draft(
         self,
@@ -479,22 +553,25 @@ class UpstreamClient:
         replica = self.replica(affinity)
         started = time.perf_counter()
         error: UpstreamError | None = None
+        gate = self._gates.setdefault(replica, KindGate())
         try:
             request = client.build_request(
                 "POST", replica + "/v1/completions", content=orjson.dumps(self._with_model(body))
             )
-            response = await client.send(request, stream=True)
-            try:
-                if response.status_code >= 400:
-                    await response.aread()
-                    self._check_status(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    for position in parse_draft(orjson.loads(line[6:]), upstream=self.name):
-                        yield position
-            finally:
-                await response.aclose()
+            # The whole stream holds the replica's gate: no engine step with an ids request.
+            async with gate.hold("topk"):
+                response = await client.send(request, stream=True)
+                try:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        self._check_status(response)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        for position in parse_draft(orjson.loads(line[6:]), upstream=self.name):
+                            yield position
+                finally:
+                    await response.aclose()
         except httpx.TransportError as exc:
             error = self._transport_error(exc)
             raise error from exc
@@ -645,20 +722,54 @@ class UpstreamClient:
             raise self._malformed("/tokenizer_info body")
         return data
 
+    async def discover_max_logprobs(self, prompt: Sequence[int] = (0,)) -> int | None:
+        """The replicas' --max-logprobs (the smallest; vLLM's -1 reads as its vocabulary size),
+        also kept in `info.max_logprobs`. Read from the 400 of a probe asking for
+        LOGPROBS_ABOVE_ANY_LIMIT logprobs ("... greater than max allowed: M"): vLLM checks the
+        limit before the request reaches the engine, so this costs no forward pass. None when
+        an answer names no limit (another server: nothing is assumed). `prompt`: any valid
+        ids (id 0 exists in every vocabulary)."""
+        limits: list[int] = []
+        body = self.probe_body(prompt, LOGPROBS_ABOVE_ANY_LIMIT)
+        for url in self.healthy():
+            try:
+                # The 400 is the answer sought: not an upstream error in the metrics.
+                await self._request(
+                    "POST", "/v1/completions", json=body, url=url, pinned=True, observed=False
+                )
+            except UpstreamRejectedError as exc:
+                match = _MAX_ALLOWED.search(exc.message)
+                if match is None:
+                    return None
+                limits.append(int(match.group(1)))
+            else:
+                return None
+        found = min(limits) if limits else None
+        if self.info is not None:
+            self.info = replace(self.info, max_logprobs=found)
+        return found
+
     async def check_logprobs(self, prompt: Sequence[int], k: int) -> None:
-        """One probe with logprobs=K; a 400 naming the maximum becomes a StartupError."""
+        """K against the upstream's --max-logprobs (`discover_max_logprobs`); when no limit can
+        be read, one probe with logprobs=K. K above the limit is a StartupError."""
         url = self.replica(0)
         shown = redact_url(url)
-        try:
-            await self._topk(prompt, k, url)
-        except UpstreamRejectedError as exc:
-            match = _MAX_ALLOWED.search(exc.message)
-            if match is None:
-                raise StartupError(
-                    f"{self.name} upstream at {shown} rejected a logprobs={k} probe: {exc.message}"
-                ) from exc
+        limit = await self.discover_max_logprobs(prompt)
+        if limit is None:
+            try:
+                await self._topk(prompt, k, url)
+                return
+            except UpstreamRejectedError as exc:
+                match = _MAX_ALLOWED.search(exc.message)
+                if match is None:
+                    raise StartupError(
+                        f"{self.name} upstream at {shown} rejected a logprobs={k} probe: "
+                        f"{exc.message}"
+                    ) from exc
+                limit = int(match.group(1))
+        if k > limit:
             raise StartupError(
-                f"{self.name} upstream at {shown} allows at most {match.group(1)} "
+                f"{self.name} upstream at {shown} allows at most {limit} "
                 f"logprobs but K={k} is configured: lower DUAL_VLLM_TOP_K (or the request's "
                 f"mixing.top_k) or restart vLLM with --max-logprobs {k} or more"
-            ) from exc
+            )

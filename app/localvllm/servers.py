@@ -87,8 +87,12 @@ def server_command(layout: Layout, spec: ServerSpec) -> list[str]:
         "float32",
         "--max-model-len",
         "2048",
+        # Room for certified support's larger K (docs/ALGORITHM.md §9). The flag only bounds
+        # requests (vLLM allocates nothing by it); a top-1024 answer costs a topk over the
+        # 49152-id vocabulary and ~45 KB of JSON, small beside a ~50 ms CPU forward pass.
+        # Changing it restarts the servers but rebuilds no model.
         "--max-logprobs",
-        "64",
+        "1024",
         "--enforce-eager",  # without it each start compiles for 2+ minutes on this CPU
         # vLLM's CPU default is 128-token KV blocks, and prefix caching reuses only full blocks:
         # the gateway's one-token-at-a-time probes then re-prefilled every context shorter than

@@ -20,7 +20,10 @@ always completed, and EOS becomes likely a few tokens after the last newline/spe
 Fault knobs live in `FakeVLLM.faults` (mutable at any time, also while serving in a thread):
 latency, an error status from the N-th completion call on for M calls (an upstream dying
 mid-generation, or recovering for retry tests), malformed bodies, K+1 entries, null entries,
-/health status, a missing /tokenizer_info, a shifted tokenizer. Counters: `calls` per path,
+/health status, a missing /tokenizer_info, a shifted tokenizer, and vLLM 0.32's
+`logprob_token_ids` batch bug (`ids_batch_bug`, on by default as in the real server: a top-K
+request that overlaps in time with a `logprob_token_ids` request is answered
+`{sampled: lp, "token_id:0": -9999.0}`; `spoiled` counts them). Counters: `calls` per path,
 `completions_started`, `completions_finished`, `completions_cancelled`, `in_flight` (requests),
 `prompts_served` and `prompts_in_flight` (a batched request counts each of its prompts), and
 the last request bodies in `requests`.
@@ -62,6 +65,7 @@ SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_e
 SPECIAL_BY_ID: dict[int, str] = {v: k for k, v in SPECIAL_TOKENS.items()}
 BYTE_OFFSET = 3
 VOCAB_SIZE = BYTE_OFFSET + 256
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's, vllm/sampling_params.py
 
 
 def encode(text: str, *, shift: int = 0) -> list[int]:
@@ -246,6 +250,7 @@ class Faults:
     fail_fraction: float = 0.0
     fail_kind: Literal["500", "reset", "mixed"] = "500"
     down: bool = False  # every endpoint refuses the connection (a killed replica)
+    ids_batch_bug: bool = True  # vLLM 0.32: a top-K answer overlapping an ids request is spoiled
 
 
 class ConnectionReset(Exception):
@@ -297,6 +302,9 @@ class FakeVLLM:
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
         self.chat_tokenize_bodies: deque[dict[str, Any]] = deque(maxlen=100)
         self.failures_injected = 0
+        self.ids_in_flight = 0  # /v1/completions calls with logprob_token_ids in flight
+        self.ids_started = 0
+        self.spoiled = 0  # top-K answers spoiled by the ids batch bug
         self._random = random.Random(0)
         self.routes: ASGIApp = Starlette(
             routes=[
@@ -416,14 +424,21 @@ class FakeVLLM:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         prompts = 0
+        with_ids = False
         try:
             body = await request.json()
             self.requests.append(body)
             prompts = len(batch_prompts(body))
             self.prompts_in_flight += prompts
             self.max_prompts_in_flight = max(self.max_prompts_in_flight, self.prompts_in_flight)
+            with_ids = bool(body.get("logprob_token_ids"))
+            if with_ids:
+                self.ids_in_flight += 1
+                self.ids_started += 1
+            overlapped, ids_started = self.ids_in_flight > 0, self.ids_started
             if self.faults.latency > 0:
                 await asyncio.sleep(self.faults.latency)
+            overlapped = overlapped or self.ids_started != ids_started
             f = self.faults
             if f.fail_fraction > 0 and self._random.random() < f.fail_fraction:
                 self.failures_injected += 1
@@ -435,7 +450,9 @@ class FakeVLLM:
                 return _error(500, "injected random failure")
             if body.get("stream") and f.stream_status is not None:
                 return _error(f.stream_status, "injected stream failure")
-            response = self._complete(body, index)
+            spoil = overlapped and not with_ids and self.faults.ids_batch_bug
+            spoil = spoil and body.get("logprobs") is not None
+            response = self._complete(body, index, spoil=spoil)
             self.completions_finished += 1
             if body.get("stream") and isinstance(response, JSONResponse):
                 return self._stream(response)
@@ -446,6 +463,7 @@ class FakeVLLM:
         finally:
             self.in_flight -= 1
             self.prompts_in_flight -= prompts
+            self.ids_in_flight -= with_ids
 
     def _stream(self, response: JSONResponse) -> Response:
         """vLLM's streamed completion: one SSE chunk per generated token (its id, logprob
@@ -495,13 +513,21 @@ class FakeVLLM:
 
         return StreamingResponse(frames(), media_type="text/event-stream")
 
-    def _complete(self, body: dict[str, Any], index: int) -> Response:
+    def _complete(self, body: dict[str, Any], index: int, *, spoil: bool = False) -> Response:
         f = self.faults
         status, start, count = f.status, f.status_after, f.status_count
         if status is not None and start <= index and (count is None or index < start + count):
             return _error(status, f.status_message)
         if body.get("model") not in (None, "", self.model):
             return _error(404, f"The model `{body['model']}` does not exist.", "model")
+        ids = body.get("logprob_token_ids")
+        if ids and body.get("logprobs") is None:  # CompletionRequest.check_logprobs
+            return _error(
+                400,
+                "when using `logprob_token_ids`, `logprobs` must be set. "
+                "(parameter=logprob_token_ids)",
+                "logprob_token_ids",
+            )
         prompts = batch_prompts(body)
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
@@ -524,18 +550,42 @@ class FakeVLLM:
                     f"input prompt. (parameter=input_tokens, value={len(prompt)})",
                     "input_tokens",
                 )
-        k = body.get("logprobs")
-        if k is not None and k > self.max_logprobs:
+        # SamplingParams._validate_logprobs: with logprob_token_ids, `logprobs` is not passed on
+        # (so not checked); -1 means the vocabulary size, on either side.
+        k = None if ids else body.get("logprobs")
+        limit = VOCAB_SIZE if self.max_logprobs == -1 else self.max_logprobs
+        asked = VOCAB_SIZE if k == -1 else k
+        if asked is not None and asked > limit:
             return _error(
                 400,
-                f"Requested sample logprobs of {k}, which is greater than max allowed: "
-                f"{self.max_logprobs} (parameter=logprobs, value={k})",
+                f"Requested sample logprobs of {asked}, which is greater than max allowed: "
+                f"{limit} (parameter=logprobs, value={asked})",
                 "logprobs",
             )
+        if ids:
+            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+                return _error(
+                    400,
+                    f"Requested logprob_token_ids of length {len(ids)}, which is greater than "
+                    f"max allowed: {MAX_LOGPROB_TOKEN_IDS} (parameter=logprob_token_ids, "
+                    f"value={len(ids)})",
+                    "logprob_token_ids",
+                )
+            invalid = [i for i in ids if i < 0 or i >= VOCAB_SIZE]
+            if invalid:
+                return _error(
+                    400,
+                    f"token_id(s) {invalid} in logprob_token_ids contain out-of-vocab token ids. "
+                    f"Vocabulary size: {VOCAB_SIZE} (parameter=logprob_token_ids, "
+                    f"value={invalid})",
+                    "logprob_token_ids",
+                )
         self.prompts_served += len(prompts)
         if f.malformed == "not_json":
             return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=200)
-        choices = [self._choice(body, prompt, i) for i, prompt in enumerate(prompts)]
+        if spoil:
+            self.spoiled += 1
+        choices = [self._choice(body, prompt, i, spoil=spoil) for i, prompt in enumerate(prompts)]
         completion_tokens = sum(len(c.pop("_ids")) for c in choices)
         response = {
             "id": f"cmpl-fake-{self.completions_started}",
@@ -553,10 +603,17 @@ class FakeVLLM:
         }
         return JSONResponse(response)
 
-    def _choice(self, body: dict[str, Any], prompt: list[int], index: int) -> dict[str, Any]:
-        """One prompt's completion choice (the fake's generation loop)."""
+    def _choice(
+        self, body: dict[str, Any], prompt: list[int], index: int, *, spoil: bool = False
+    ) -> dict[str, Any]:
+        """One prompt's completion choice (the fake's generation loop). With
+        `logprob_token_ids` each position holds the sampled id, then exactly those ids (vLLM
+        0.32: they replace the top K; `logprobs` only has to be set)."""
         f = self.faults
         k = body.get("logprobs")
+        ids = [int(i) for i in body.get("logprob_token_ids") or []]
+        if k == -1:
+            k = VOCAB_SIZE
         max_tokens = int(body.get("max_tokens") or 16)
         max_tokens = min(max_tokens, self.max_model_len - len(prompt))
         temperature = float(body.get("temperature", 1.0))
@@ -589,7 +646,9 @@ class FakeVLLM:
                 if f.k_plus_one:
                     first = order[k]
                 entries[f"token_id:{first}"] = max(float(lp[first]), -9999.0)
-                for i in top:
+                if spoil:  # vLLM's batch bug: the top K replaced by padding, id 0 at -inf
+                    entries.setdefault("token_id:0", -9999.0)
+                for i in [] if spoil else ids or top:
                     entries.setdefault(f"token_id:{i}", max(float(lp[i]), -9999.0))
             top_list.append(None if f.null_top_logprobs else entries)
             token_lps.append(None if f.null_top_logprobs else float(lp[chosen]))

@@ -64,7 +64,7 @@ def test_command_and_environment_follow_real_vllm_md(layout: Layout) -> None:
         "--port 8102",
         "--dtype float32",
         "--max-model-len 2048",
-        "--max-logprobs 64",
+        "--max-logprobs 1024",
         "--enforce-eager",
         "--enable-tokenizer-info-endpoint",
         "--enable-prompt-tokens-details",
