@@ -275,7 +275,10 @@ class Coordinator:
             text=TextRelease(plan.stops, include_stop=plan.params.include_stop_str_in_output),
             decoded=self.pair.incremental_text(),
             prompt_ids=frozenset(prompt.teacher),
-            policy=None if spec is None else RoundPolicy(spec, index=index),
+            # A tolerance needs fetches between the views and the draw: token by token then.
+            policy=None
+            if spec is None or plan.params.max_uncertain_mass is not None
+            else RoundPolicy(spec, index=index),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)

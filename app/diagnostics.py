@@ -52,6 +52,8 @@ API_COLUMNS: tuple[str, ...] = (
     "teacher_logprob",
     "base_logprob_exact",
     "teacher_logprob_exact",
+    "certified",
+    "refetches",
 )
 
 
@@ -119,4 +121,6 @@ def token_columns(steps: Sequence[StepResult]) -> dict[str, list[Any]]:
         "teacher_logprob": [s.teacher_logprob for s in steps],
         "base_logprob_exact": [s.base_exact for s in steps],
         "teacher_logprob_exact": [s.teacher_exact for s in steps],
+        "certified": [s.certified for s in steps],
+        "refetches": [s.refetches for s in steps],
     }

@@ -27,12 +27,12 @@ from typing import Literal
 
 import numpy as np
 
+from app.certified import Refinement, readouts
 from app.detok import IncrementalText
 from app.generation import MAX_DRAFT_TOKENS, Speculative
 from app.pair import UpstreamPair, to_topk
 from app.plan import Plan
 from app.sampling import mix, sample
-from app.sampling.certify import model_logprob, uncertain_mass
 from app.sampling.shaping import History, shapes
 from app.sampling.speculative import judge, proposal
 from app.sampling.types import DRAFT_BONUS, MixConfig, Mixture, StepResult, TopK
@@ -132,38 +132,35 @@ def history(plan: Plan, seq: SequenceState, counts: dict[int, int], done: int) -
 
 
 async def plain_step(pair: UpstreamPair, plan: Plan, seq: SequenceState) -> StepResult:
-    """Both upstreams' top-K of their own context in parallel, then the math."""
+    """Both upstreams' top-K of their own context in parallel, then the math; with a
+    `max_uncertain_mass`, more values are fetched until q is within it (app/certified.py)."""
     base, teacher = await pair.probe(seq.base_ctx, seq.teacher_ctx, plan.k, seq.affinity)
-    mixture = mix(
-        base,
-        teacher,
-        plan.params.mixing,
-        first_token=not seq.generated,
-        alpha_hint=seq.alpha,
-        history=history(plan, seq, seq.counts, len(seq.generated)),
-    )
-    return certified(sample(mixture, seq.rng), base, teacher, mixture, plan)
 
+    def mixed(base: TopK, teacher: TopK) -> Mixture:
+        return mix(
+            base,
+            teacher,
+            plan.params.mixing,
+            first_token=not seq.generated,
+            alpha_hint=seq.alpha,
+            history=history(plan, seq, seq.counts, len(seq.generated)),
+        )
 
-def certified(
-    result: StepResult, base: TopK, teacher: TopK, mixture: Mixture, plan: Plan
-) -> StepResult:
-    """The token's §9 read-outs when the request reads diagnostics: uncertain_mass (an upper
-    bound on TV(q, full-vocabulary q*), app/sampling/certify.py) and each model's raw logprob
-    of the token (exact, or a bound when the model did not return it)."""
-    if not plan.params.diagnostics:
-        return result
-    y = result.token_id
-    base_lp, base_exact = model_logprob(base, y, requested_k=plan.k)
-    teacher_lp, teacher_exact = model_logprob(teacher, y, requested_k=plan.k)
-    bound = uncertain_mass(base, teacher, mixture, plan.params.mixing, requested_k=plan.k)
-    return result._replace(
-        uncertain_mass=bound,
-        base_logprob=base_lp,
-        teacher_logprob=teacher_lp,
-        base_exact=base_exact,
-        teacher_exact=teacher_exact,
-    )
+    mixture = mixed(base, teacher)
+    tolerance = plan.params.max_uncertain_mass
+    if tolerance is None:
+        return readouts(sample(mixture, seq.rng), base, teacher, mixture, plan)
+    refine = Refinement(pair, plan, seq.base_ctx, seq.teacher_ctx, seq.affinity)
+    bound = refine.bound(base, teacher, mixture)
+    while bound > tolerance:
+        views = await refine.more(base, teacher, mixture.support)
+        if views is None:
+            break
+        base, teacher = views
+        mixture = mixed(base, teacher)
+        bound = refine.bound(base, teacher, mixture)
+    result = sample(mixture, seq.rng)._replace(refetches=refine.fetches)
+    return readouts(result, base, teacher, mixture, plan, k=refine.k, bound=bound)
 
 
 async def speculative_round(
@@ -201,7 +198,7 @@ async def speculative_round(
         counts=seq.counts,
         history_of=lambda counts, done: history(plan, seq, counts, done),
         ends=plan.eos | plan.stop_ids,
-        certify=lambda result, base, teacher, mixture: certified(
+        certify=lambda result, base, teacher, mixture: readouts(
             result, base, teacher, mixture, plan
         ),
     )

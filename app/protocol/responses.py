@@ -58,6 +58,11 @@ class Diagnostics(BaseModel):
     teacher_logprob: list[float | None]
     base_logprob_exact: list[bool | None]
     teacher_logprob_exact: list[bool | None]
+    # With mixing.max_uncertain_mass: whether the token's uncertain_mass ended within it (false:
+    # the upstreams' --max-logprobs could not get there), and how many fetches of more values
+    # its step made; null / 0 without a tolerance.
+    certified: list[bool | None]
+    refetches: list[int]
     summary: DiagnosticsSummary | None = _OMITTED
 
 

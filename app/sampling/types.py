@@ -101,6 +101,10 @@ class StepResult(NamedTuple):
     teacher_logprob: float | None = None
     base_exact: bool | None = None
     teacher_exact: bool | None = None
+    # With a tolerance (`max_uncertain_mass`): whether uncertain_mass ended within it, and how
+    # many fetches of more values the step made (app/certified.py).
+    certified: bool | None = None
+    refetches: int = 0
 
 
 # `StepResult.draft`: a token-by-token step; a drafted token the round accepted; the token drawn
