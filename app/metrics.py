@@ -299,6 +299,19 @@ class Metrics:
             ["draft"],
             registry=reg,
         )
+        self._refetches = Counter(
+            _name("support_refetches"),
+            "Fetches of more values (exact logprobs of missing ids, a larger K) made because a "
+            "token's uncertain_mass exceeded mixing.max_uncertain_mass (docs/ALGORITHM.md §9).",
+            registry=reg,
+        )
+        self._certified = Counter(
+            _name("certified_tokens"),
+            "Tokens generated with mixing.max_uncertain_mass, by whether their uncertain_mass "
+            "ended within it (false: the upstreams' --max-logprobs could not get there).",
+            ["certified"],
+            registry=reg,
+        )
         self._step_seconds = Histogram(
             _name("step_duration_seconds"),
             "Wall time of one mixing step: both upstream calls and the math.",
@@ -363,6 +376,10 @@ class Metrics:
                 self._upstream_retries.labels(upstream, reason)
         for reason in REASONS:
             self._steps.labels(reason)
+        for draft in DRAFTS:
+            self._drafts.labels(draft)
+        for certified in ("true", "false"):
+            self._certified.labels(certified)
 
     # --- Observer (called by the coordinator) -------------------------------------------------
 
@@ -400,8 +417,11 @@ class Metrics:
         if result.reason != "single_token":
             _observe(self._chernoff, result.chernoff)
         _observe(self._filled, result.filled_mass)
-        uncertain: float | None = getattr(result, "uncertain_mass", None)
-        _observe(self._uncertain, uncertain)
+        _observe(self._uncertain, result.uncertain_mass)
+        if result.refetches:
+            self._refetches.inc(result.refetches)
+        if result.certified is not None:
+            self._certified.labels("true" if result.certified else "false").inc()
 
     # --- HTTP layer (called by routes / middleware) ----------------------------------------
 

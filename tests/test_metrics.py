@@ -13,7 +13,7 @@ from app.metrics import ENDPOINTS, ERROR_KINDS, OUTCOMES, UPSTREAMS, Metrics
 from app.sampling.types import REASONS, Reason, StepResult
 from app.version import version
 
-ALLOWED_LABELS = {"endpoint", "outcome", "upstream", "kind", "reason", "le"}
+ALLOWED_LABELS = {"endpoint", "outcome", "upstream", "kind", "reason", "le", "draft", "certified"}
 
 
 def make_step(
@@ -258,3 +258,18 @@ def test_token_latencies() -> None:
     assert value(m, "dual_vllm_time_to_first_token_seconds_bucket", le="0.5") == 1
     assert value(m, "dual_vllm_inter_token_latency_seconds_bucket", le="0.05") == 2
     assert value(m, "dual_vllm_inter_token_latency_seconds_count") == 3
+
+
+def test_speculative_and_certified_counters() -> None:
+    m = Metrics()
+    for code in (1, 1, 2, 3, 0):
+        m.step(make_step()._replace(draft=code), 0.01)
+    assert value(m, "dual_vllm_speculative_tokens_total", draft="accepted") == 2
+    assert value(m, "dual_vllm_speculative_tokens_total", draft="resampled") == 1
+    assert value(m, "dual_vllm_speculative_tokens_total", draft="bonus") == 1
+    m.step(make_step()._replace(uncertain_mass=0.01, certified=True, refetches=2), 0.01)
+    m.step(make_step()._replace(uncertain_mass=0.3, certified=False, refetches=3), 0.01)
+    assert value(m, "dual_vllm_support_refetches_total") == 5
+    assert value(m, "dual_vllm_certified_tokens_total", certified="true") == 1
+    assert value(m, "dual_vllm_certified_tokens_total", certified="false") == 1
+    assert value(m, "dual_vllm_uncertain_mass_count") == 2

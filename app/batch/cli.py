@@ -230,6 +230,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "per round, 'auto' (adapted to the acceptance) or 'off'",
     )
     mix.add_argument(
+        "--max-uncertain-mass",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        metavar="TV",
+        help="fetch more for a token whose uncertain_mass (a bound on its distance to the "
+        "full-vocabulary mixture) exceeds this; none = off (docs/ALGORITHM.md §9)",
+    )
+    mix.add_argument(
         "--drafter",
         choices=["auto", "base", "teacher"],
         default="auto",
@@ -309,6 +317,8 @@ def job_from_args(args: argparse.Namespace, settings: Settings) -> Job:
         top_k_upstream=settings.top_k,
         mixing=mixing,
         speculative=speculative_from_args(args, settings),
+        max_uncertain_mass=getattr(args, "max_uncertain_mass", settings.max_uncertain_mass),
+        diagnostics=args.diagnostics,
     )
     return Job(
         dataset=args.dataset,

@@ -29,7 +29,7 @@ from app.batch.records import SampleOutput
 from app.errors import UpstreamError
 from app.generation import GenerationParams
 from app.options import MIX_OPTIONS
-from app.sampling.types import StepResult
+from app.sampling.types import DRAFT_NAMES, StepResult
 from app.upstream import StartupError
 
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
@@ -55,6 +55,7 @@ def request_body(spec: PromptSpec, params: GenerationParams) -> tuple[str, dict[
     if params.top_k_upstream is not None:
         mixing["top_k"] = params.top_k_upstream
     mixing["diagnostics"] = True
+    mixing["max_uncertain_mass"] = params.max_uncertain_mass
     rounds = params.speculative
     mixing["speculative"] = (
         None if rounds is None else {"k": rounds.k or "auto", "drafter": rounds.drafter}
@@ -111,9 +112,23 @@ def _steps(choice: dict[str, Any], chat: bool) -> list[StepResult]:
             filled_mass=_float(diag["filled_mass"][i]),
             support=_EMPTY_IDS,
             logq=_EMPTY_LOGQ,
+            draft=DRAFT_NAMES.index(_column(diag, "draft", i)),
+            uncertain_mass=_column(diag, "uncertain_mass", i),
+            base_logprob=_column(diag, "base_logprob", i),
+            teacher_logprob=_column(diag, "teacher_logprob", i),
+            base_exact=_column(diag, "base_logprob_exact", i),
+            teacher_exact=_column(diag, "teacher_logprob_exact", i),
+            certified=_column(diag, "certified", i),
+            refetches=_column(diag, "refetches", i) or 0,
         )
         for i in range(len(ids))
     ]
+
+
+def _column(diag: dict[str, Any], name: str, i: int) -> Any:
+    """A per-token diagnostics value a gateway may not send (an older one): None then."""
+    values = diag.get(name)
+    return values[i] if values is not None else None
 
 
 def parse_response(answer: dict[str, Any], chat: bool) -> SampleOutput:
