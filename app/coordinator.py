@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import zlib
@@ -122,6 +123,7 @@ class Coordinator:
         self.prompts = PromptBuilder(self.pair)
         self.token_texts = self.pair.token_texts
         self._slots = asyncio.Semaphore(settings.max_concurrent_sequences)
+        self._lanes = itertools.count()
         self._started = False
 
     @property
@@ -278,10 +280,18 @@ class Coordinator:
             # A tolerance needs fetches between the views and the draw: token by token then.
             policy=None
             if spec is None or plan.params.max_uncertain_mass is not None
-            else RoundPolicy(spec, index=index),
+            else RoundPolicy(spec, index=self._lane(plan, index)),
         )
         async with self._slots:
             await self._generate(plan, seq, emit)
+
+    def _lane(self, plan: Plan, index: int) -> int:
+        """A sequence's number for the drafter's load balance (app/rounds.py): successive
+        sequences alternate where either drafter will do, across requests too (8 concurrent
+        one-choice requests split the drafting 4/4). Seeded: a function of the seed and the
+        choice, so the request drafts with the same models and stays reproducible."""
+        seed = plan.params.seed
+        return next(self._lanes) if seed is None else seed + index
 
     async def _step(self, plan: Plan, seq: SequenceState) -> list[StepResult]:
         """One step of one sequence (app/rounds.py): a token-by-token step, or a speculative

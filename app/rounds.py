@@ -87,7 +87,7 @@ class RoundPolicy:
     """Each round's drafter and k, adapted to the sequence's own observations (§8)."""
 
     spec: Speculative
-    index: int = 0  # the sequence's index (the drafter's load balance)
+    index: int = 0  # the sequence's number in the engine (the drafter's load balance)
     acceptance: float = PRIOR_ACCEPTANCE  # moving average of the per-draft acceptance
     alpha: float | None = None  # moving average of α (steps that have one)
 
