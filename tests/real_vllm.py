@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from app.coordinator import Coordinator
 from app.localvllm import LocalVLLMError
 from app.localvllm.servers import (
     BASE_MODEL,
@@ -34,6 +35,7 @@ from app.localvllm.servers import (
     stop_launched,
 )
 from app.localvllm.setup import Layout, run_setup
+from app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,16 @@ def real_vllm() -> Iterator[RealVLLM]:
         # By PID: a server another process (`dual-vllm local start`) launched, even one this
         # session waited for, keeps running.
         stop_launched(layout, launches)
+
+
+@pytest.fixture
+async def real_coordinator(real_vllm: RealVLLM) -> AsyncIterator[Coordinator]:
+    """A started engine on the real pair (default settings, the served model names)."""
+    settings = Settings(
+        base_url=[real_vllm.base_url],
+        teacher_url=[real_vllm.teacher_url],
+        base_model=real_vllm.base_model,
+        teacher_model=real_vllm.teacher_model,
+    )
+    async with Coordinator(settings) as coordinator:
+        yield coordinator

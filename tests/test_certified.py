@@ -46,7 +46,7 @@ def tv_to_full(
     star = mix(full_view(base, context), full_view(teacher, context), config, first_token=first)
     q_star = dict(zip(star.support.tolist(), (star.q / star.q.sum()).tolist(), strict=True))
     q = dict(zip(step.support.tolist(), np.exp(step.logq).tolist(), strict=True))
-    return 0.5 * sum(abs(q.get(i, 0.0) - q_star.get(i, 0.0)) for i in set(q) | set(q_star))
+    return 0.5 * float(sum(abs(q.get(i, 0.0) - q_star.get(i, 0.0)) for i in set(q) | set(q_star)))
 
 
 def fakes(**kwargs: Any) -> tuple[FakeVLLM, FakeVLLM]:

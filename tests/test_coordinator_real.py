@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from app.coordinator import (
     TokenEvent,
 )
 from app.sampling.types import MixConfig
-from app.settings import Settings
 from tests.real_vllm import RealVLLM
 
 pytestmark = pytest.mark.real_vllm
@@ -26,15 +24,8 @@ QUESTION = [ChatMessage("user", "What is the capital of France?")]
 
 
 @pytest.fixture
-async def coord(real_vllm: RealVLLM) -> AsyncIterator[Coordinator]:
-    settings = Settings(
-        base_url=[real_vllm.base_url],
-        teacher_url=[real_vllm.teacher_url],
-        base_model=real_vllm.base_model,
-        teacher_model=real_vllm.teacher_model,
-    )
-    async with Coordinator(settings) as coordinator:
-        yield coordinator
+async def coord(real_coordinator: Coordinator) -> Coordinator:
+    return real_coordinator
 
 
 async def test_startup_facts(coord: Coordinator, real_vllm: RealVLLM) -> None:

@@ -4,14 +4,10 @@ uses them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from app.coordinator import ChatMessage, Coordinator, GenerationParams
 from app.generation import Speculative
-from app.settings import Settings
-from tests.real_vllm import RealVLLM
 
 pytestmark = pytest.mark.real_vllm
 
@@ -19,15 +15,8 @@ STORY = [ChatMessage("user", "Tell me a short story about a lighthouse keeper.")
 
 
 @pytest.fixture
-async def coord(real_vllm: RealVLLM) -> AsyncIterator[Coordinator]:
-    settings = Settings(
-        base_url=[real_vllm.base_url],
-        teacher_url=[real_vllm.teacher_url],
-        base_model=real_vllm.base_model,
-        teacher_model=real_vllm.teacher_model,
-    )
-    async with Coordinator(settings) as coordinator:
-        yield coordinator
+async def coord(real_coordinator: Coordinator) -> Coordinator:
+    return real_coordinator
 
 
 @pytest.mark.parametrize("drafter", ["base", "teacher"])

@@ -53,7 +53,8 @@ def full(role: str, context: tuple[int, ...]) -> np.ndarray:
             zlib.crc32(repr(("teacher", context)).encode())
         ).normal(0.0, 1.6, VOCAB)
     logits[EOS] -= 1.0
-    return logits - np.logaddexp.reduce(logits)
+    result: np.ndarray = logits - np.logaddexp.reduce(logits)
+    return result
 
 
 @cache
@@ -134,7 +135,8 @@ def chi_square_p(counts: Counter[tuple[int, int]], law: dict[tuple[int, int], fl
     """p-value of the counts under `law`; cells expected below 5 are pooled."""
     total = sum(counts.values())
     assert set(counts) <= set(law), f"drew pairs of probability 0: {set(counts) - set(law)}"
-    observed, expected = [], []
+    observed: list[float] = []
+    expected: list[float] = []
     pooled_o = pooled_e = 0.0
     for cell, p in law.items():
         if p * total >= 5:

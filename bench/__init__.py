@@ -1,0 +1,1 @@
+"""Benchmark scripts (docs/BENCHMARKS.md); a package so they can share helpers."""
