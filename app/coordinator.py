@@ -124,6 +124,7 @@ class Coordinator:
         self.token_texts = self.pair.token_texts
         self._slots = asyncio.Semaphore(settings.max_concurrent_sequences)
         self._lanes = itertools.count()
+        self._running = 0  # sequences generating now (a round's scorer lookahead)
         self._started = False
 
     @property
@@ -283,7 +284,11 @@ class Coordinator:
             else RoundPolicy(spec, index=self._lane(plan, index)),
         )
         async with self._slots:
-            await self._generate(plan, seq, emit)
+            self._running += 1
+            try:
+                await self._generate(plan, seq, emit)
+            finally:
+                self._running -= 1
 
     def _lane(self, plan: Plan, index: int) -> int:
         """A sequence's number for the drafter's load balance (app/rounds.py): successive
@@ -300,7 +305,9 @@ class Coordinator:
         if seq.policy is None:
             results = [await plain_step(self.pair, plan, seq)]
         else:
-            results = await speculative_round(self.pair, plan, seq, seq.policy)
+            results = await speculative_round(
+                self.pair, plan, seq, seq.policy, running=self._running
+            )
         if self.observer is not None:
             seconds = (time.perf_counter() - started) / len(results)
             for result in results:

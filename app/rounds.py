@@ -48,8 +48,12 @@ Role = Literal["base", "teacher"]
 # its draft is aborted and the scorer is at most LOOKAHEAD views ahead), so rounds seldom end
 # at k and restart (a new draft request) only when they must.
 K_PER_RUN = 2.0
-# Scorer views asked for ahead of the judging (app/rounds.py `speculative_round`).
+# Scorer views asked for ahead of the judging (`speculative_round`): 3 while few sequences
+# run (the scorer is idle otherwise; latency), 1 when the upstreams are shared by more (views
+# past a rejection are then compute taken from other sequences).
 LOOKAHEAD = 3
+LOOKAHEAD_BUSY = 1
+BUSY_SEQUENCES = 2
 # With "auto", α beyond these bounds picks the drafter (the model q is closer to); between
 # them (the Chernoff point: q is as close to either in KL) sequences alternate by index, so
 # concurrent sequences share the drafting and the scoring between the two upstreams.
@@ -164,7 +168,12 @@ async def plain_step(pair: UpstreamPair, plan: Plan, seq: SequenceState) -> Step
 
 
 async def speculative_round(
-    pair: UpstreamPair, plan: Plan, seq: SequenceState, policy: RoundPolicy
+    pair: UpstreamPair,
+    plan: Plan,
+    seq: SequenceState,
+    policy: RoundPolicy,
+    *,
+    running: int = 1,
 ) -> list[StepResult]:
     """One round (see the module docstring): 1 to k + 1 tokens, each with `draft` set. The
     sequence's state is not changed here (the coordinator accepts the tokens one by one).
@@ -202,16 +211,17 @@ async def speculative_round(
             result, base, teacher, mixture, plan
         ),
     )
+    lookahead = LOOKAHEAD if running <= BUSY_SEQUENCES else LOOKAHEAD_BUSY
     scores: list[asyncio.Future[TopK]] = []
     drafts: asyncio.Queue[tuple[int, dict[int, float]] | None] = asyncio.Queue()
     drafted: list[int] = []
     results: list[StepResult] = []
 
     def score_ahead() -> None:
-        """Ask the scorer for its view after each drafted prefix known, at most LOOKAHEAD
+        """Ask the scorer for its view after each drafted prefix known, at most `lookahead`
         positions ahead of the judging: the scorer is the round's slow side (one partial
         prefill per position), so views of positions after a rejection are work wasted."""
-        while len(scores) <= min(len(drafted), k) and len(scores) - len(results) < LOOKAHEAD:
+        while len(scores) <= min(len(drafted), k) and len(scores) - len(results) < lookahead:
             prefix = other + drafted[: len(scores)]
             scores.append(
                 asyncio.ensure_future(pair.score_one(scorer, prefix, plan.k, seq.affinity))
