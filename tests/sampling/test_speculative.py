@@ -23,6 +23,7 @@ from scipy import stats
 import app.sampling.speculative as speculative
 from app.rounds import Role, RoundJudge, judge_round
 from app.sampling import MixConfig, TopK, mix, sample
+from app.sampling.shaping import History, shapes
 from app.sampling.speculative import judge, proposal
 from app.sampling.types import DRAFT_ACCEPTED, DRAFT_BONUS, DRAFT_RESAMPLED
 
@@ -40,6 +41,8 @@ CONFIGS = {
     "trust_region_only": MixConfig(trust_region_top_p=0.8, stability_check=False),
     "fallback_often": MixConfig(js_threshold=0.05, trust_region_top_p=None),
     "hot_top_p": MixConfig(temperature=1.4, top_p=0.9, force_first_token=False),
+    # §5a: the second position's q depends on the first token (a penalty on repeating it).
+    "penalties": MixConfig(presence_penalty=1.5, frequency_penalty=0.5, trust_region_top_p=None),
 }
 
 
@@ -73,8 +76,19 @@ def draft(role: str, context: tuple[int, ...], temperature: float, rng: np.rando
     return int(v.ids[rng.choice(K, p=p / p.sum())])
 
 
+def history(config: MixConfig, counts: dict[int, int]) -> History | None:
+    """What the §5a transforms read (the generated ids' counts); None without them."""
+    return History(counts=dict(counts)) if shapes(config) else None
+
+
 def q_of(config: MixConfig, context: tuple[int, ...], first: bool) -> dict[int, float]:
-    mixture = mix(view("base", context), view("teacher", context), config, first_token=first)
+    mixture = mix(
+        view("base", context),
+        view("teacher", context),
+        config,
+        first_token=first,
+        history=history(config, Counter(context)),
+    )
     return {
         int(y): float(p)
         for y, p in zip(mixture.support, mixture.q / mixture.q.sum(), strict=True)
@@ -121,8 +135,8 @@ def speculative_pairs(
                 rng=rng,
                 done=len(out),
                 alpha=None,
-                counts={},
-                history_of=lambda counts, done: None,
+                counts=Counter(out),
+                history_of=lambda counts, done: history(config, counts),
                 ends={EOS},
             )
             results = judge_round(drafts, scores, judge)
