@@ -212,6 +212,39 @@ async def test_diagnostics_per_choice_and_per_chunk(gateway: Gateway) -> None:
         assert "first_token" not in choice["diagnostics"]["reason"]  # no forcing in explore
 
 
+async def test_speculative_and_certified_fields_over_http(gateway: Gateway) -> None:
+    """mixing.speculative / the fast preset and mixing.max_uncertain_mass reach the engine and
+    their diagnostics come back, streamed and not."""
+    request = {
+        "prompt": "x",
+        "max_tokens": 8,
+        "seed": 3,
+        "ignore_eos": True,
+        "mixing": {"diagnostics": True, "speculative": {"k": 3}},
+    }
+    async with gateway() as g:
+        choice = (await g.client.post("/v1/completions", json=request)).json()["choices"][0]
+        diag = choice["diagnostics"]
+        assert set(diag["draft"][:-1]) <= {"accepted", "resampled", "bonus"}
+        assert diag["summary"]["acceptance_rate"] is not None
+        assert all(u is not None and 0.0 <= u <= 1.0 for u in diag["uncertain_mass"])
+        assert len(diag["base_logprob"]) == len(diag["teacher_logprob_exact"]) == 8
+        stream = await g.client.post("/v1/completions", json={**request, "stream": True})
+        streamed = [c["choices"][0] for c in sse_events(stream.text)[:-1]]
+        text = "".join(c["text"] for c in streamed)
+        assert text == choice["text"]  # the same seeded rounds, streamed
+        fast = {**request, "mixing": {"preset": "fast", "diagnostics": True}}
+        choice = (await g.client.post("/v1/completions", json=fast)).json()["choices"][0]
+        assert choice["diagnostics"]["draft"][0] is not None
+        strict = {**request, "mixing": {"diagnostics": True, "max_uncertain_mass": 0.5}}
+        choice = (await g.client.post("/v1/completions", json=strict)).json()["choices"][0]
+        assert all(c is not None for c in choice["diagnostics"]["certified"])
+        bad = {**request, "mixing": {"speculative": {"k": 99}}}
+        response = await g.client.post("/v1/completions", json=bad)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"].startswith("mixing.speculative")
+
+
 async def test_base_prompt_goes_to_the_base_only(gateway: Gateway) -> None:
     async with gateway() as g:
         response = await g.client.post(
