@@ -7,9 +7,11 @@ first, recomputing q and the bound after each answer:
 
 1. the exact logprobs of the ids of S that a model did not return (vLLM's `logprob_token_ids`,
    `UpstreamClient.token_logprobs`): afterwards no value inside S is a fill;
-2. else a larger K from both (×4 each time, up to the smaller of the upstreams' --max-logprobs,
-   read at start-up, and REFETCH_MAX_K): more known mass, a smaller tail outside S, a nucleus
-   inside the known teacher mass; then 1. again for the new union.
+2. else the largest K both upstreams allow (the smaller of their --max-logprobs, read at
+   start-up, capped at REFETCH_MAX_K), in one go: more known mass, a smaller tail outside S, a
+   nucleus inside the known teacher mass; then 1. again for the new union. (Growing K step by
+   step cost a round trip per step; measured in docs/BENCHMARKS.md, one large answer is
+   cheaper than several small ones.)
 
 It stops when the bound is within the tolerance or nothing more can be fetched; the token then
 says which (`StepResult.certified`). Views grow by merging: a fetched value is exact, and the
@@ -30,8 +32,7 @@ from app.sampling.certify import model_logprob, uncertain_mass
 from app.sampling.types import Mixture, StepResult, TopK
 from app.tasks import both
 
-REFETCH_GROWTH = 4  # K × this per larger-K fetch
-REFETCH_MAX_K = 1024  # never ask for more (JSON of ~45 KB per answer at 1024)
+REFETCH_MAX_K = 8192  # never ask for more (JSON of ~45 KB per 1024 entries)
 
 
 def readouts(
@@ -119,7 +120,7 @@ class Refinement:
             return merged(base, extra_b), merged(teacher, extra_t)
         if self.k >= self.max_k:
             return None
-        self.k = min(self.k * REFETCH_GROWTH, self.max_k)
+        self.k = self.max_k
         wider_b, wider_t = await self.pair.probe(
             self.base_ctx, self.teacher_ctx, self.k, self.affinity
         )
