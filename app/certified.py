@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import numpy.typing as npt
 
 from app.pair import UpstreamPair, to_topk
 from app.plan import Plan
@@ -33,6 +32,8 @@ from app.sampling.types import Mixture, StepResult, TopK
 from app.tasks import both
 
 REFETCH_MAX_K = 8192  # never ask for more (JSON of ~45 KB per 1024 entries)
+MAX_IDS = 512  # exact values asked of one model in one fetch (4 requests of 128)
+MAX_FETCHES = 6  # fetches one step may make
 
 
 def readouts(
@@ -104,13 +105,16 @@ class Refinement:
     def bound(self, base: TopK, teacher: TopK, mixture: Mixture) -> float:
         return uncertain_mass(base, teacher, mixture, self.plan.params.mixing, requested_k=self.k)
 
-    async def more(
-        self, base: TopK, teacher: TopK, support: npt.NDArray[np.int64]
-    ) -> tuple[TopK, TopK] | None:
+    async def more(self, base: TopK, teacher: TopK, mixture: Mixture) -> tuple[TopK, TopK] | None:
         """Larger views of this step, or None when nothing more can be fetched."""
-        ids = support.tolist()
-        missing_b = sorted(set(ids) - set(base.ids.tolist()))
-        missing_t = sorted(set(ids) - set(teacher.ids.tolist()))
+        if self.fetches >= MAX_FETCHES:
+            return None
+        # The ids of S a model did not return, those q holds most first (their fills carry
+        # the uncertain mass), at most MAX_IDS a fetch: S can hold thousands after a large K.
+        order = mixture.support[np.argsort(-mixture.q, kind="stable")].tolist()
+        known_b, known_t = set(base.ids.tolist()), set(teacher.ids.tolist())
+        missing_b = [i for i in order if i not in known_b][:MAX_IDS]
+        missing_t = [i for i in order if i not in known_t][:MAX_IDS]
         if missing_b or missing_t:
             extra_b, extra_t = await both(
                 self._ids("base", self.base_ctx, missing_b),

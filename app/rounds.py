@@ -157,7 +157,7 @@ async def plain_step(pair: UpstreamPair, plan: Plan, seq: SequenceState) -> Step
     refine = Refinement(pair, plan, seq.base_ctx, seq.teacher_ctx, seq.affinity)
     bound = refine.bound(base, teacher, mixture)
     while bound > tolerance:
-        views = await refine.more(base, teacher, mixture.support)
+        views = await refine.more(base, teacher, mixture)
         if views is None:
             break
         base, teacher = views
