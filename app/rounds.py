@@ -29,6 +29,7 @@ import numpy as np
 
 from app.certified import Refinement, readouts
 from app.detok import IncrementalText
+from app.errors import UpstreamError
 from app.generation import MAX_DRAFT_TOKENS, Speculative
 from app.pair import UpstreamPair, to_topk
 from app.plan import Plan
@@ -183,7 +184,8 @@ async def speculative_round(
     as soon as both views are in. A rejection (or a token that ends the sequence) ends the
     round at once and cancels the rest: the draft's stream is closed (vLLM aborts it) and the
     scorer's pending probes are cancelled. A draft that fails ends the round where it is
-    (before its first position: a token-by-token step instead, with its retries)."""
+    (before its first position: a token-by-token step instead, with its retries); so does a
+    scorer view that fails after its retries, once a position was judged."""
     room = seq.budget - len(seq.generated)
     k = min(policy.k(), room - 1)
     if k < 1:
@@ -248,9 +250,13 @@ async def speculative_round(
         while (item := await drafts.get()) is not None:
             token, mapping = item
             position = len(results)
-            result, more = judge.position(
-                token, to_topk(mapping, role), await scores[position], last=position == k
-            )
+            try:
+                score = await scores[position]
+            except UpstreamError:
+                if not results:
+                    raise
+                break  # the tokens judged so far stand; the next step asks again
+            result, more = judge.position(token, to_topk(mapping, role), score, last=position == k)
             results.append(result)
             if not more:
                 break

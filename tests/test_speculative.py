@@ -207,3 +207,19 @@ async def test_diagnostics_of_rounds() -> None:
     )
     assert plain.summary["requests_per_token"] == 2.0
     assert plain.summary["acceptance_rate"] is None
+
+
+async def test_a_scorer_failing_mid_round_keeps_the_judged_tokens() -> None:
+    base, teacher = FakeVLLM("base"), FakeVLLM("teacher")
+    base.eos_after = teacher.eos_after = None
+    # The base scores (the teacher drafts); without retries its 6th call, a view in the middle
+    # of the second round (for this seed), fails: the tokens judged before it are kept and the
+    # next step goes on (a round-start view failing would fail the request, as a plain step).
+    base.faults.status, base.faults.status_after, base.faults.status_count = 500, 5, 1
+    params = GenerationParams(
+        max_tokens=12, seed=6, speculative=Speculative(k=8, drafter="teacher")
+    )
+    async with engine(base, teacher, upstream_retries=0) as coord:
+        (out,) = await coord.generate([PROMPT], params)
+    assert len(out.token_ids) == 12
+    assert base.faults.status_after + base.faults.status_count <= base.completions_started
