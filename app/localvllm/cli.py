@@ -2,6 +2,7 @@
 
 setup    build (or reuse) the cached vLLM venv and the two converted models
 start    setup, then start (or reuse) the two vLLM servers and leave them running
+         (--max-logprobs N: vLLM's flag for both, default 1024; -1 = the whole vocabulary)
 stop     stop the two servers (by the PIDs in their PID files)
 status   what runs on the two ports
 run      setup + start + the gateway in the foreground; Ctrl-C stops what it started
@@ -20,6 +21,7 @@ from typing import TextIO
 from app.localvllm import LocalVLLMError
 from app.localvllm.servers import (
     BASE_PORT,
+    MAX_LOGPROBS,
     TEACHER_PORT,
     ServerSpec,
     StartResult,
@@ -49,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name != "setup":
             action.add_argument("--base-port", type=int, default=BASE_PORT)
             action.add_argument("--teacher-port", type=int, default=TEACHER_PORT)
+        if name in ("start", "run"):
+            action.add_argument(
+                "--max-logprobs",
+                type=int,
+                default=MAX_LOGPROBS,
+                help=f"vLLM's --max-logprobs for both servers ({MAX_LOGPROBS}; -1: the whole "
+                "vocabulary, for full-vocabulary ground truth)",
+            )
         if name == "run":
             action.add_argument("--host", default=None, help="gateway address (127.0.0.1)")
             action.add_argument("--port", type=int, default=None, help="gateway port (8000)")
@@ -61,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         if args.local_command == "setup":
             run_setup(layout, out)
             return 0
-        specs = default_specs(layout, args.base_port, args.teacher_port)
+        max_logprobs = getattr(args, "max_logprobs", MAX_LOGPROBS)
+        specs = default_specs(layout, args.base_port, args.teacher_port, max_logprobs)
         if args.local_command == "status":
             out.write("\n".join(status(layout, specs)) + "\n")
             return 0

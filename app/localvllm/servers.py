@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import signal
 import socket
@@ -40,6 +41,8 @@ START_TIMEOUT_S = 300.0  # two servers starting together on 2 cores: ~50 s (docs
 STOP_TIMEOUT_S = 30.0
 WARMUP_TIMEOUT_S = 120.0  # the first request after /health takes ~10 s (lazy warm-up)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# Room for certified support's larger K (docs/ALGORITHM.md §9); `local start --max-logprobs`.
+MAX_LOGPROBS = 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ServerSpec:
     served_name: str
     model_dir: Path
     cpu: int  # VLLM_CPU_OMP_THREADS_BIND: without it both servers compute on core 0
+    max_logprobs: int = MAX_LOGPROBS  # vLLM's --max-logprobs (-1: the whole vocabulary)
 
     @property
     def url(self) -> str:
@@ -62,11 +66,16 @@ class ServerSpec:
 
 
 def default_specs(
-    layout: Layout, base_port: int = BASE_PORT, teacher_port: int = TEACHER_PORT
+    layout: Layout,
+    base_port: int = BASE_PORT,
+    teacher_port: int = TEACHER_PORT,
+    max_logprobs: int = MAX_LOGPROBS,
 ) -> list[ServerSpec]:
     return [
-        ServerSpec("base", base_port, BASE_MODEL, layout.base, cpu=0),
-        ServerSpec("teacher", teacher_port, TEACHER_MODEL, layout.teacher, cpu=1),
+        ServerSpec("base", base_port, BASE_MODEL, layout.base, cpu=0, max_logprobs=max_logprobs),
+        ServerSpec(
+            "teacher", teacher_port, TEACHER_MODEL, layout.teacher, cpu=1, max_logprobs=max_logprobs
+        ),
     ]
 
 
@@ -90,9 +99,10 @@ def server_command(layout: Layout, spec: ServerSpec) -> list[str]:
         # Room for certified support's larger K (docs/ALGORITHM.md §9). The flag only bounds
         # requests (vLLM allocates nothing by it); a top-1024 answer costs a topk over the
         # 49152-id vocabulary and ~45 KB of JSON, small beside a ~50 ms CPU forward pass.
-        # Changing it restarts the servers but rebuilds no model.
+        # Changing it restarts the servers but rebuilds no model; -1 (the whole vocabulary)
+        # is for full-vocabulary ground truth (bench/fidelity.py).
         "--max-logprobs",
-        "1024",
+        str(spec.max_logprobs),
         "--enforce-eager",  # without it each start compiles for 2+ minutes on this CPU
         # vLLM's CPU default is 128-token KV blocks, and prefix caching reuses only full blocks:
         # the gateway's one-token-at-a-time probes then re-prefilled every context shorter than
@@ -198,6 +208,24 @@ def is_our_server(pid: int, spec: ServerSpec) -> bool:
 def live_pid(layout: Layout, spec: ServerSpec) -> int | None:
     pid = read_pid(spec.pid_file(layout))
     return pid if pid is not None and is_our_server(pid, spec) else None
+
+
+def running_max_logprobs(layout: Layout, spec: ServerSpec) -> int | None:
+    """The --max-logprobs our running server for this spec was started with (None: unknown)."""
+    pid = live_pid(layout, spec)
+    if pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag == b"--max-logprobs":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 # --- start --------------------------------------------------------------------------------
@@ -345,6 +373,12 @@ def start_pair(
             pid = live_pid(layout, spec)
             if serves(spec):
                 out.write(f"{spec.role}: reusing the healthy {spec.served_name} on {spec.url}\n")
+                running = running_max_logprobs(layout, spec)
+                if running is not None and running != spec.max_logprobs:
+                    out.write(
+                        f"{spec.role}: note: it runs with --max-logprobs {running}, not "
+                        f"{spec.max_logprobs}; `dual-vllm local stop` first to change it\n"
+                    )
                 reused.append(spec)
             elif pid is not None:
                 out.write(f"{spec.role}: PID {pid} is still starting; waiting for it\n")

@@ -17,6 +17,7 @@ from app.cli import build_parser, main
 from app.localvllm import cli as local_cli
 from app.localvllm.servers import (
     ServerSpec,
+    StartResult,
     default_specs,
     pid_alive,
     read_pid,
@@ -52,6 +53,26 @@ def test_sub_commands_parse() -> None:
     assert (args.local_command, args.port) == ("run", 8010)
     with pytest.raises(SystemExit):
         build_parser("local").parse_args(["local", "launch"])
+
+
+def test_max_logprobs_option_of_start_and_run(
+    layout: Layout, ports: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parse = build_parser("local").parse_args
+    assert parse(["local", "start"]).max_logprobs == 1024
+    assert parse(["local", "run", "--max-logprobs", "-1"]).max_logprobs == -1
+    with pytest.raises(SystemExit):
+        parse(["local", "stop", "--max-logprobs", "-1"])
+    seen: list[list[ServerSpec]] = []
+
+    def start(layout_: Layout, specs: list[ServerSpec], out: io.StringIO) -> StartResult:
+        seen.append(specs)
+        return StartResult(launches=[], reused=list(specs))
+
+    monkeypatch.setattr(local_cli, "start_pair", start)
+    assert main(["local", "start", *ports, "--max-logprobs", "-1"]) == 0
+    assert main(["local", "start", *ports]) == 0
+    assert [[spec.max_logprobs for spec in specs] for specs in seen] == [[-1, -1], [1024, 1024]]
 
 
 def test_status_of_nothing_running(

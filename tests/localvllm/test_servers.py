@@ -6,6 +6,7 @@ import io
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from app.localvllm.servers import (
     launch,
     pid_alive,
     read_pid,
+    running_max_logprobs,
     server_command,
     server_env,
     start_pair,
@@ -110,6 +112,36 @@ def test_start_waits_warms_up_then_reuses_and_stop_kills_by_pid(
     assert not any(spec.pid_file(layout).exists() for spec in specs)
     assert "stopped PID" in out.getvalue()
     assert all("not answering" in line for line in status(layout, specs))
+
+
+def test_max_logprobs_is_chosen_per_spec(layout: Layout) -> None:
+    assert [spec.max_logprobs for spec in default_specs(layout)] == [1024, 1024]
+    specs = default_specs(layout, max_logprobs=-1)
+    assert [spec.max_logprobs for spec in specs] == [-1, -1]
+    assert "--max-logprobs -1" in " ".join(server_command(layout, specs[1]))
+    assert "--max-logprobs 1024" not in " ".join(server_command(layout, specs[0]))
+
+
+def _command_with_max_logprobs(layout: Layout, spec: ServerSpec) -> list[str]:
+    argv = fake_command(layout, spec)  # the served name stays last
+    return [*argv[:-1], "--max-logprobs", str(spec.max_logprobs), argv[-1]]
+
+
+def test_a_reused_server_with_another_max_logprobs_is_noted(
+    layout: Layout, specs: list[ServerSpec]
+) -> None:
+    start_pair(layout, specs, io.StringIO(), timeout=30, command=_command_with_max_logprobs)
+    assert [running_max_logprobs(layout, spec) for spec in specs] == [1024, 1024]
+    wide = [replace(spec, max_logprobs=-1) for spec in specs]
+    out = io.StringIO()
+    again = start_pair(layout, wide, out, timeout=30, command=_command_with_max_logprobs)
+    assert again.reused == wide  # reused, not restarted: the note says how to change it
+    assert "base: note: it runs with --max-logprobs 1024, not -1; `dual-vllm local stop`" in (
+        out.getvalue()
+    )
+    out = io.StringIO()
+    start_pair(layout, specs, out, timeout=30, command=_command_with_max_logprobs)
+    assert "note:" not in out.getvalue()
 
 
 def test_a_port_taken_by_something_else_is_named(layout: Layout, specs: list[ServerSpec]) -> None:
