@@ -37,6 +37,11 @@ GREEDY_TEMPERATURE = 1e-5  # kernel.GREEDY_TEMPERATURE
 # threshold, the solver's |g| ≤ 1e-10) count as certain only with this much room to spare,
 # so float rounding on either side cannot flip them.
 MARGIN = 1e-9
+# The same for decisions on sums of many upstream values (the nucleus crossing, JS against its
+# threshold): vLLM computes logprobs in float32, and a full vocabulary's probabilities were
+# measured summing to 1 + 8.5e-6 (bench/fidelity.py, docs/BENCHMARKS.md), so a nucleus cut
+# with less room than this is not certain.
+DATA_MARGIN = 1e-5
 BISECTIONS = 40  # the α* bracket to ~1e-12
 LN2 = math.log(2.0)
 
@@ -275,11 +280,11 @@ class _Certifier:
         cumulative = np.cumsum(values)
         z_lo = float(cumulative[-1]) + self.tail_t[0]
         z_hi = float(cumulative[-1]) + self.tail_t[1]
-        reached = np.flatnonzero(cumulative >= rho * z_hi * (1.0 + MARGIN))
+        reached = np.flatnonzero(cumulative >= rho * z_hi * (1.0 + DATA_MARGIN))
         if reached.shape[0] == 0:
             raise _Uncertified  # the nucleus may reach into ids the teacher did not return
         count = int(reached[0]) + 1
-        if count > 1 and cumulative[count - 2] >= rho * z_lo * (1.0 - MARGIN):
+        if count > 1 and cumulative[count - 2] >= rho * z_lo * (1.0 - DATA_MARGIN):
             raise _Uncertified  # the crossing moves with the unknown normalizer
         unreturned = self.vocab is None or t.count < self.vocab
         if unreturned and not t.logp[order[count - 1]] > t.log_cap + MARGIN:
@@ -367,8 +372,8 @@ class _Certifier:
             known_t += ut / zt[1]
         js_hi += 0.5 * LN2 * (max(1.0 - known_b, 0.0) + max(1.0 - known_t, 0.0))
         overlap_may_fail = config.overlap_threshold > 1.0 - MARGIN
-        unstable = overlap_may_fail or js_hi > config.js_threshold - MARGIN
-        stable = js_lo <= config.js_threshold + MARGIN
+        unstable = overlap_may_fail or js_hi > config.js_threshold - DATA_MARGIN
+        stable = js_lo <= config.js_threshold + DATA_MARGIN
         return unstable, stable
 
     def _identical_possible(self) -> bool:
