@@ -45,13 +45,10 @@ log = logging.getLogger(__name__)
 Role = Literal["base", "teacher"]
 
 # The adaptive k (`RoundPolicy.k`): at per-draft acceptance a, a run of accepted drafts is
-# a / (1 − a) long on average. While few sequences run, k is twice that (a round cut short
-# costs little: its draft is aborted and the drafter's server is otherwise idle), so rounds
-# seldom end at k and restart (a new draft request) only when they must. With more, the
-# drafter's tokens past a rejection are decode steps taken from other sequences on a shared
-# server, so k is the expected run itself.
+# a / (1 − a) long on average; k is twice that (a round cut short by a rejection costs little:
+# its draft is aborted and the scorer is at most LOOKAHEAD views ahead), so rounds seldom end
+# at k and restart (a new draft request) only when they must.
 K_PER_RUN = 2.0
-K_PER_RUN_BUSY = 1.0
 # Scorer views asked for ahead of the judging (`speculative_round`): 3 while few sequences
 # run (the scorer is idle otherwise; latency), 1 when the upstreams are shared by more (views
 # past a rejection are then compute taken from other sequences).
@@ -111,14 +108,12 @@ class RoundPolicy:
             return "base"
         return "teacher" if self.index % 2 == 0 else "base"
 
-    def k(self, running: int = 1) -> int:
-        """The fixed k, or K_PER_RUN (K_PER_RUN_BUSY with more than BUSY_SEQUENCES running)
-        times the expected run of accepted drafts, plus one."""
+    def k(self) -> int:
+        """The fixed k, or K_PER_RUN times the expected run of accepted drafts."""
         if self.spec.k is not None:
             return self.spec.k
         a = min(max(self.acceptance, 0.0), 0.99)
-        per_run = K_PER_RUN if running <= BUSY_SEQUENCES else K_PER_RUN_BUSY
-        return min(MAX_DRAFT_TOKENS, 1 + round(per_run * a / (1.0 - a)))
+        return min(MAX_DRAFT_TOKENS, 1 + round(K_PER_RUN * a / (1.0 - a)))
 
     def observe(self, results: list[StepResult]) -> None:
         for result in results:
@@ -192,7 +187,7 @@ async def speculative_round(
     (before its first position: a token-by-token step instead, with its retries); so does a
     scorer view that fails after its retries, once a position was judged."""
     room = seq.budget - len(seq.generated)
-    k = min(policy.k(running), room - 1)
+    k = min(policy.k(), room - 1)
     if k < 1:
         return [await plain_step(pair, plan, seq)]
     role = policy.drafter()
