@@ -2,10 +2,10 @@
 §8).
 
 A plain step asks both upstreams for their next-token top-K of their own context, in parallel,
-and draws from q. A speculative round asks the drafter to sample up to k tokens with a
-proposal the gateway can compute (app/upstream.py `draft`), then the other model for its top-K
-after every drafted prefix (one batched request through the probe coalescing of
-app/probes.py), and judges the drafts in order (app/sampling/speculative.py): each position's q
+and draws from q. A speculative round streams up to k tokens from the drafter, sampled with a
+proposal the gateway can compute (app/upstream.py `draft`), asks the other model for its top-K
+after each drafted prefix as it arrives (ordinary probes, coalesced by app/probes.py), and
+judges the drafts in order (app/sampling/speculative.py): each position's q
 is the plain step's q, with the same fill, temperature, stability check, trust region,
 first-token rule, §5a transforms and top_p/top_k, from the same two views; the round ends at
 the first rejection (a token drawn from the residual), or after a token that ends the sequence
@@ -36,7 +36,15 @@ from app.plan import Plan
 from app.sampling import mix, sample
 from app.sampling.shaping import History, shapes
 from app.sampling.speculative import judge, proposal
-from app.sampling.types import DRAFT_BONUS, MixConfig, Mixture, StepResult, TopK
+from app.sampling.types import (
+    DRAFT_ACCEPTED,
+    DRAFT_BONUS,
+    DRAFT_RESAMPLED,
+    MixConfig,
+    Mixture,
+    StepResult,
+    TopK,
+)
 from app.tasks import cancel
 from app.textrelease import TextRelease
 
@@ -117,8 +125,8 @@ class RoundPolicy:
 
     def observe(self, results: list[StepResult]) -> None:
         for result in results:
-            if result.draft in (1, 2):  # a judged draft: accepted or resampled
-                accepted = 1.0 if result.draft == 1 else 0.0
+            if result.draft in (DRAFT_ACCEPTED, DRAFT_RESAMPLED):  # a judged draft
+                accepted = 1.0 if result.draft == DRAFT_ACCEPTED else 0.0
                 self.acceptance += (1.0 - ACCEPTANCE_MEMORY) * (accepted - self.acceptance)
             if result.alpha is not None:
                 if self.alpha is None:

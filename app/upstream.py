@@ -533,21 +533,17 @@ class UpstreamClient:
         client = self._client
         if client is None:
             raise RuntimeError(f"{self.name} upstream client used before start()")
-        body: dict[str, Any] = {
-            "prompt": list(prompt),
-            "max_tokens": tokens,
-            "logprobs": k,
-            "temperature": temperature if temperature >= 1e-5 else 0,
-            "top_k": k,
-            "top_p": 1.0,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
-            "presence_penalty": 0,
-            "frequency_penalty": 0,
-            "ignore_eos": True,
-            "return_tokens_as_token_ids": True,
-            "stream": True,
-        }
+        # The probe's request (ids, raw logprobs keyed by id, neutral penalties), sampling.
+        body = self.probe_body(prompt, k)
+        body.update(
+            max_tokens=tokens,
+            temperature=temperature if temperature >= 1e-5 else 0,
+            top_k=k,
+            top_p=1.0,
+            min_p=0.0,
+            ignore_eos=True,
+            stream=True,
+        )
         if seed is not None:
             body["seed"] = seed
         replica = self.replica(affinity)
@@ -556,7 +552,7 @@ class UpstreamClient:
         gate = self._gates.setdefault(replica, KindGate())
         try:
             request = client.build_request(
-                "POST", replica + "/v1/completions", content=orjson.dumps(self._with_model(body))
+                "POST", replica + "/v1/completions", content=orjson.dumps(body)
             )
             # The whole stream holds the replica's gate: no engine step with an ids request.
             async with gate.hold("topk"):
