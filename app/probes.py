@@ -81,6 +81,13 @@ def parse_choice(choice: Any, *, upstream: str, k: int | None = None) -> dict[in
         raise UpstreamError(
             f"{upstream} upstream returned a completion without top_logprobs", upstream=upstream
         ) from exc
+    return parse_position(first, upstream=upstream, k=k)
+
+
+def parse_position(first: Any, *, upstream: str, k: int | None = None) -> dict[int, float]:
+    """One generated position's `top_logprobs` entry as `{id: logprob}` (see
+    `parse_top_logprobs`); with `k`, a top-K answer spoiled by vLLM's batch bug raises
+    SpoiledAnswerError."""
     if first is None:
         raise UpstreamError(
             f"{upstream} upstream returned null top_logprobs for the next token",
@@ -168,7 +175,7 @@ def parse_draft(body: Any, *, upstream: str) -> list[tuple[int, dict[int, float]
         ) from exc
     positions: list[tuple[int, dict[int, float]]] = []
     for token_id, view in zip(drafted, views, strict=True):
-        mapping = parse_choice({"logprobs": {"top_logprobs": [view]}}, upstream=upstream)
+        mapping = parse_position(view, upstream=upstream)
         if token_id not in mapping:
             raise UpstreamError(
                 f"{upstream} upstream drafted token {token_id} without its logprob",
