@@ -1,12 +1,13 @@
-"""The generation loop: per-step probes of both upstreams, the math, stop rules, events.
+"""The generation loop: steps of each sequence (app/rounds.py), stop rules, events.
 
 `Coordinator` is the engine's front door for HTTP, batch and library callers. It owns an
 `UpstreamPair` (app/pair.py: both clients, start-up checks, the probe), builds prompts with
 app/prompts.py, validates with app/plan.py, and runs every choice (prompt × n) as a sequence:
-each step asks both upstreams in parallel for the next-token top-K of their own context, mixes
-them (app/sampling, docs/ALGORITHM.md), appends the sampled id to both contexts (ids, never
-text) and applies the stop rules. No HTTP-server or SSE code lives here: routes and the batch
-job consume `Event`s or `Completion`s (app/generation.py).
+each step asks both upstreams in parallel for the next-token top-K of their own context and
+mixes them (app/sampling, docs/ALGORITHM.md), or, with `speculative`, runs a round that makes
+several tokens (§8; app/rounds.py owns both); the loop appends each sampled id to both contexts
+(ids, never text) and applies the stop rules token by token. No HTTP-server or SSE code lives
+here: routes and the batch job consume `Event`s or `Completion`s (app/generation.py).
 
 Stop rules, in the order they are checked after each token (vLLM's semantics,
 docs/VLLM_API.md):
