@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -60,6 +59,7 @@ from app.pair import to_topk
 from app.sampling import mix
 from app.sampling.types import MixConfig, StepResult
 from app.settings import Settings
+from bench.throughput import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 49152  # SmolLM2's; checked against the servers' --max-logprobs at start
@@ -482,19 +482,6 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return out
-
-
-def commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
