@@ -40,6 +40,7 @@ from bench.throughput import (
     commit,
     gateway,
     print_row,
+    stream_body,
     teacher_run,
     upstream_calls,
 )
@@ -89,17 +90,8 @@ async def gateway_batch(
     speculative: dict[str, Any] | None,
 ) -> dict[str, Any]:
     def body(seed: int) -> dict[str, Any]:
-        return {
-            "model": "dual-vllm",
-            "prompt": prompt,
-            "max_tokens": tokens,
-            "ignore_eos": True,
-            "temperature": 1.0,
-            "seed": seed,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "mixing": {"speculative": speculative, "diagnostics": True},
-        }
+        mixing = {"speculative": speculative, "diagnostics": True}
+        return {**stream_body(prompt, tokens, seed), "mixing": mixing}
 
     calls = await upstream_calls(http, url)
     started = time.perf_counter()

@@ -204,23 +204,27 @@ async def stream_one(
     return tokens, times, error
 
 
+def stream_body(prompt: list[int], tokens: int, seed: int) -> dict[str, Any]:
+    """The benchmarks' gateway request: a seeded stream of `tokens` tokens (no EOS stop)."""
+    return {
+        "model": "dual-vllm",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 async def gateway_run(
     client: httpx.AsyncClient, url: str, prompt: list[int], tokens: int, concurrency: int
 ) -> Run:
-    def body(seed: int) -> dict[str, Any]:
-        return {
-            "model": "dual-vllm",
-            "prompt": prompt,
-            "max_tokens": tokens,
-            "ignore_eos": True,
-            "temperature": 1.0,
-            "seed": seed,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-
     started = time.perf_counter()
-    results = await asyncio.gather(*(stream_one(client, url, body(i)) for i in range(concurrency)))
+    results = await asyncio.gather(
+        *(stream_one(client, url, stream_body(prompt, tokens, i)) for i in range(concurrency))
+    )
     run = Run(sum(n for n, _, _ in results), time.perf_counter() - started)
     for _, times, error in results:
         run.gaps.extend(b - a for a, b in itertools.pairwise(times))
